@@ -1,0 +1,11 @@
+"""Pure-PyTorch, diffusers-style model classes (no megatron import): the Hugging Face export
+format of the engine and the numerical reference for the megatron models."""
+
+from lumos_mcore.hf.lumos_transformer_2d import (
+    LumosBlock,
+    LumosCrossAttention,
+    LumosSelfAttention,
+    LumosTransformer2DModel,
+)
+
+__all__ = ["LumosBlock", "LumosCrossAttention", "LumosSelfAttention", "LumosTransformer2DModel"]

@@ -1,0 +1,212 @@
+"""The DiT transformer layer on megatron-core: non-affine norm + adaLN modulation around
+megatron's SelfAttention, CrossAttention and MLP.
+
+Lumos block (adaLN-Zero per block, released Lumos code)::
+
+    shift1, scale1, gate1, shift2, scale2, gate2 = adaLN(c)
+    x = x + gate1 * SelfAttn(LN(x) * (1 + scale1) + shift1)
+    x = x + CrossAttn(q = x, kv = cond_tokens)            # no norm, no gate
+    x = x + gate2 * MLP(LN(x) * (1 + scale2) + shift2)
+
+PixArt adaLN-single has the same block; only where the six modulation vectors come from differs
+(a shared projection ``t0`` plus a per-block table), so it is a different ``adaln`` submodule.
+
+Layout: hidden states ``[s, b, h]`` (``s`` is the local shard under sequence / context
+parallelism). The adaLN conditioning ``c`` is ``[1, b, h]`` (one timestep per sample) or
+``[s, b, h]`` (per-token timesteps, e.g. a clean condition frame in video) and broadcasts over
+``s``.
+
+How the conditioning reaches the layer: megatron's ``TransformerBlock`` calls every layer with a
+fixed argument list, and under full activation recompute only the tensor arguments
+(hidden_states, attention_mask, context, context_mask, rotary_pos_emb) travel through the
+checkpoint. The self-attention of a DiT is unmasked (packed sequences use ``packed_seq_params``),
+so the block's ``attention_mask`` slot carries ``c`` — it then reaches every layer, with
+gradients, on the plain and the recomputed paths alike. ``LumosDiT`` is the only caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    BaseTransformerLayer,
+    get_transformer_layer_offset,
+)
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor, nn
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation ``x * (1 + scale) + shift`` (shift/scale broadcast over tokens)."""
+    return x * (1 + scale) + shift
+
+
+def mark_sequence_parallel(module: nn.Module, config: TransformerConfig) -> None:
+    """Mark replicated params whose grads are partial sums under sequence parallelism.
+
+    Modules applied to the local sequence shard of every TP rank (adaLN, final layer, timestep
+    embedder) get a different gradient on each TP rank when SP is on; megatron all-reduces the
+    grads of params carrying ``sequence_parallel=True`` over the TP group.
+    """
+    for p in module.parameters():
+        p.sequence_parallel = config.sequence_parallel
+
+
+class NonAffineLayerNorm(nn.Module):
+    """LayerNorm without weight/bias: adaLN supplies the affine part."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.hidden_size,), eps=self.eps)  # [s, b, h]
+
+
+class NonAffineRMSNorm(nn.Module):
+    """RMSNorm without weight (Flag-DiT option); adaLN supplies the scale."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)  # [s, b, h]
+        return out.to(x.dtype)
+
+
+class AdaLNZero(MegatronModule):
+    """Per-block adaLN-Zero (Lumos/DiT): ``Linear(SiLU(c))`` -> 6 modulation vectors.
+
+    Replicated on every TP rank (its output is needed in full); zero-initialised so each block
+    starts as the identity.
+    """
+
+    num_chunks = 6
+
+    def __init__(self, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(config=config)
+        h = config.hidden_size
+        self.linear = nn.Linear(h, self.num_chunks * h, dtype=config.params_dtype)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        mark_sequence_parallel(self, config)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, ...]:
+        mod = self.linear(F.silu(c))  # [1|s, b, 6h]
+        return mod.chunk(self.num_chunks, dim=-1)  # 6 x [1|s, b, h]
+
+
+class AdaLNSingle(MegatronModule):
+    """PixArt adaLN-single: a per-block table added to the shared projection ``t0``.
+
+    ``c`` here is ``t0 = t_block(t)`` of shape ``[1|s, b, 6h]``, computed once by the model.
+    """
+
+    num_chunks = 6
+
+    def __init__(self, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(config=config)
+        h = config.hidden_size
+        table = torch.randn(self.num_chunks, h, dtype=config.params_dtype) / h**0.5
+        self.scale_shift_table = nn.Parameter(table)
+        mark_sequence_parallel(self, config)
+
+    def forward(self, c: Tensor) -> tuple[Tensor, ...]:
+        mod = c.unflatten(-1, (self.num_chunks, -1)) + self.scale_shift_table  # [1|s, b, 6, h]
+        return mod.unbind(dim=-2)  # 6 x [1|s, b, h]
+
+
+@dataclass
+class DiTLayerSubmodules:
+    """Submodules of one DiT layer; spec functions in ``layer_spec`` fill them."""
+
+    adaln: ModuleSpec | type = AdaLNZero
+    norm1: ModuleSpec | type = NonAffineLayerNorm
+    self_attention: ModuleSpec | type | None = None
+    cross_attention: ModuleSpec | type | None = None
+    norm2: ModuleSpec | type = NonAffineLayerNorm
+    mlp: ModuleSpec | type | None = None
+
+
+class DiTLayer(MegatronModule, BaseTransformerLayer):
+    """One Lumos/PixArt DiT block built from megatron-core attention and MLP modules."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: DiTLayerSubmodules,
+        layer_number: int = 1,
+        hidden_dropout: float | None = None,
+        pg_collection=None,
+        vp_stage: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(config=config)
+        # Global 1-based index, as megatron's TransformerLayer keeps it (FP8 recipes and
+        # checkpoint keys use it); TransformerBlock passes the stage-local number.
+        self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage)
+        self.submodules_config = submodules
+        extra = {} if pg_collection is None else {"pg_collection": pg_collection}
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.adaln = build_module(submodules.adaln, config=config)
+        self.norm1 = build_module(submodules.norm1, config=config, hidden_size=h, eps=eps)
+        self.self_attention = build_module(
+            submodules.self_attention, config=config, layer_number=layer_number, **extra
+        )
+        self.cross_attention = build_module(
+            submodules.cross_attention, config=config, layer_number=layer_number, **extra
+        )
+        self.norm2 = build_module(submodules.norm2, config=config, hidden_size=h, eps=eps)
+        self.mlp = build_module(submodules.mlp, config=config)
+        # Zero-init the cross-attention output so a fresh block ignores the condition
+        # (released Lumos code); megatron already zeroes the bias.
+        with torch.no_grad():
+            self.cross_attention.linear_proj.weight.zero_()
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        attention_mask: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+        rotary_pos_emb: Tensor | None = None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> tuple[Tensor, Tensor | None]:
+        c = attention_mask  # adaLN conditioning [1|s, b, h] (see module docstring)
+        x = hidden_states  # [s, b, h]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)  # 6 x [1|s, b, h]
+
+        h = modulate(self.norm1(x), shift1, scale1)  # [s, b, h]
+        out, bias = self.self_attention(
+            h,
+            attention_mask=None,
+            rotary_pos_emb=rotary_pos_emb,
+            packed_seq_params=packed_seq_params,
+        )  # [s, b, h]
+        x = x + gate1 * _add_bias(out, bias)  # [s, b, h]
+
+        out, bias = self.cross_attention(
+            x, attention_mask=context_mask, key_value_states=context
+        )  # [s, b, h]
+        x = x + _add_bias(out, bias)  # [s, b, h]
+
+        h = modulate(self.norm2(x), shift2, scale2)  # [s, b, h]
+        out, bias = self.mlp(h)  # [s, b, h]
+        x = x + gate2 * _add_bias(out, bias)  # [s, b, h]
+
+        # Pipeline sends and activation deallocation need a tensor that is not a view.
+        x = make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True)
+        return x, context
+
+
+def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
+    return out if bias is None else out + bias

@@ -1,0 +1,174 @@
+"""Spec functions for the DiT layer: variants are specs, not flags inside modules.
+
+``get_dit_layer_local_spec`` uses megatron's tensor-parallel linears and SDPA core attention and
+runs everywhere (CPU included); ``get_dit_layer_te_spec`` uses TransformerEngine linears and
+``TEDotProductAttention`` (fused/flash attention, FP8, TE context parallelism). The non-affine
+norms stay outside TE's fused LayerNorm-Linear because adaLN modulates between norm and linear.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from functools import lru_cache
+
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import (
+    CrossAttention,
+    CrossAttentionSubmodules,
+    SelfAttention,
+    SelfAttentionSubmodules,
+)
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from lumos_mcore.models.dit.attention import SDPACoreAttention
+from lumos_mcore.models.dit.layer import (
+    AdaLNSingle,
+    AdaLNZero,
+    DiTLayer,
+    DiTLayerSubmodules,
+    NonAffineLayerNorm,
+    NonAffineRMSNorm,
+)
+
+log = logging.getLogger(__name__)
+
+ADALN = {"zero": AdaLNZero, "single": AdaLNSingle}
+NORMS = {"layernorm": NonAffineLayerNorm, "rmsnorm": NonAffineRMSNorm}
+
+
+def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
+    """Shallow copy of ``config`` with SP off, for layers whose input is replicated."""
+    cfg = copy.copy(config)
+    cfg.sequence_parallel = False
+    return cfg
+
+
+class ContextColumnParallelLinear(ColumnParallelLinear):
+    """K/V projection of the condition tokens.
+
+    The condition tokens (1 DINO token, 120 T5 tokens) are replicated on every TP and CP rank
+    rather than sequence-split, so this projection must not all-gather its input under sequence
+    parallelism; the backward all-reduce of a plain column-parallel input is what it needs.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig, **kw):
+        super().__init__(input_size, output_size, config=without_sequence_parallel(config), **kw)
+
+
+@lru_cache(maxsize=1)
+def te_available() -> bool:
+    """True when TransformerEngine and megatron's TE extension import cleanly."""
+    try:
+        import transformer_engine  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+    except Exception:  # a partial TE install raises RuntimeError, not ImportError
+        return False
+    return True
+
+
+def _dit_spec(
+    *,
+    linear_col: type,
+    linear_row: type,
+    linear_ctx: type,
+    core_attention: type,
+    adaln_type: str,
+    norm: str,
+    qk_norm: type | None,
+) -> ModuleSpec:
+    return ModuleSpec(
+        module=DiTLayer,
+        submodules=DiTLayerSubmodules(
+            adaln=ADALN[adaln_type],
+            norm1=NORMS[norm],
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=linear_col,
+                    core_attention=core_attention,
+                    linear_proj=linear_row,
+                    q_layernorm=qk_norm,
+                    k_layernorm=qk_norm,
+                ),
+            ),
+            cross_attention=ModuleSpec(
+                module=CrossAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=CrossAttentionSubmodules(
+                    linear_q=linear_col,
+                    linear_kv=linear_ctx,
+                    core_attention=core_attention,
+                    linear_proj=linear_row,
+                ),
+            ),
+            norm2=NORMS[norm],
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(linear_fc1=linear_col, linear_fc2=linear_row),
+            ),
+        ),
+    )
+
+
+def get_dit_layer_local_spec(
+    adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
+) -> ModuleSpec:
+    """megatron tensor-parallel linears + SDPA core attention (CPU and GPU without TE)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return _dit_spec(
+        linear_col=ColumnParallelLinear,
+        linear_row=RowParallelLinear,
+        linear_ctx=ContextColumnParallelLinear,
+        core_attention=SDPACoreAttention,
+        adaln_type=adaln_type,
+        norm=norm,
+        qk_norm=WrappedTorchNorm if qk_norm else None,
+    )
+
+
+def get_dit_layer_te_spec(
+    adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
+) -> ModuleSpec:
+    """TransformerEngine linears + ``TEDotProductAttention`` (fused attention, FP8, TE CP)."""
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TEDotProductAttention,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    class TEContextColumnParallelLinear(TEColumnParallelLinear):
+        """TE twin of :class:`ContextColumnParallelLinear` (replicated condition tokens)."""
+
+        def __init__(self, input_size, output_size, *, config, **kw):
+            super().__init__(
+                input_size, output_size, config=without_sequence_parallel(config), **kw
+            )
+
+    return _dit_spec(
+        linear_col=TEColumnParallelLinear,
+        linear_row=TERowParallelLinear,
+        linear_ctx=TEContextColumnParallelLinear,
+        core_attention=TEDotProductAttention,
+        adaln_type=adaln_type,
+        norm=norm,
+        qk_norm=TENorm if qk_norm else None,
+    )
+
+
+def get_dit_layer_spec(
+    spec: str = "auto", adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
+) -> ModuleSpec:
+    """Pick the TE spec when TransformerEngine imports (``auto``), else the local spec."""
+    if spec == "te" and not te_available():
+        raise ValueError("model.spec='te': TransformerEngine is not importable on this machine")
+    use_te = spec == "te" or (spec == "auto" and te_available())
+    log.info("DiT layer spec: %s", "transformer_engine" if use_te else "local (megatron + SDPA)")
+    build = get_dit_layer_te_spec if use_te else get_dit_layer_local_spec
+    return build(adaln_type=adaln_type, norm=norm, qk_norm=qk_norm)
