@@ -171,6 +171,9 @@ class LumosDiT(MegatronModule):
             self.final_layer = FinalLayer(d, p, self.out_channels, eps=model_cfg.norm_eps)
             sp_partial.append(self.final_layer)
 
+        self._replicated_prefixes = tuple(
+            name + "." for name, m in self.named_children() if any(m is r for r in replicated)
+        )
         for module in replicated:
             for param in module.parameters():
                 param.pipeline_parallel = True
@@ -185,6 +188,21 @@ class LumosDiT(MegatronModule):
         if isinstance(input_tensor, (list, tuple)):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron sharded state dict; the embedders replicated on every pipeline stage are
+        saved by the first stage only (other stages mark their copies as non-main replicas)."""
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.pre_process:
+            pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+            stage = (
+                self.vp_stage or 0
+            ) * pp_size + parallel_state.get_pipeline_model_parallel_rank()
+            for key, sh in sharded.items():
+                if key[len(prefix) :].startswith(self._replicated_prefixes):
+                    rid = sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)
+                    sh.replica_id = (stage, *rid[1:]) if len(rid) > 1 else (stage,)
+        return sharded
 
     # -- helpers ----------------------------------------------------------------------------
     def pos_embed(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:

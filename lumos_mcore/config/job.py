@@ -1,0 +1,41 @@
+"""The job config: one small dataclass per component, composed (no god config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lumos_mcore.config.data import DataConfig
+from lumos_mcore.config.diffusion import DiffusionConfig
+from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.config.parallel import ParallelConfig
+from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
+
+
+@dataclass
+class JobConfig:
+    """Everything a training run needs; loaded from YAML + ``key=value`` overrides."""
+
+    data: DataConfig | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.data is None:
+            raise ValueError(
+                "data.path: required (a folder with index.json; make one with "
+                "tools/make_synthetic_shards.py)"
+            )
+        if self.model.learn_sigma != self.diffusion.learn_sigma:
+            raise ValueError(
+                f"model.learn_sigma={self.model.learn_sigma} but "
+                f"diffusion.learn_sigma={self.diffusion.learn_sigma}: set both the same (the "
+                "model outputs the variance channels the objective trains)"
+            )
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or f"{self.train.output_dir}/checkpoints"

@@ -1,0 +1,59 @@
+"""Progress lines, TensorBoard scalars and memory readings for the training loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import psutil
+import torch
+
+log = logging.getLogger("lumos_mcore.train")
+
+
+def peak_memory_gib() -> float:
+    """Peak accelerator memory on CUDA; resident set size of this process on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+class MetricsWriter:
+    """Writes scalars to TensorBoard and progress lines to the log (logging rank only)."""
+
+    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tb = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.tb = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.tb is not None:
+            for name, value in values.items():
+                self.tb.add_scalar(name, value, step)
+
+    def progress(self, step: int, total: int, m: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        log.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad-norm %.3f | %.1f samples/s | "
+            "%.0f tokens/s | %.0f ms/step | mem %.2f GiB",
+            step,
+            total,
+            m["train/loss"],
+            m["train/lr"],
+            m["train/grad_norm"],
+            m["throughput/samples_per_s"],
+            m["throughput/tokens_per_s"],
+            m["throughput/step_time_ms"],
+            m["memory/peak_gib"],
+        )
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
