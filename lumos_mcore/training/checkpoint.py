@@ -38,6 +38,9 @@ from lumos_mcore.training.setup import unwrap
 log = logging.getLogger(__name__)
 
 _PARTIAL = ".partial"
+# Optimizer state stored per parameter in model space, so a checkpoint reshards across
+# TP / PP / DP like the weights (the distributed optimizer gathers its shards on save).
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _LATEST = "latest"
 
 
@@ -130,7 +133,7 @@ class Checkpointer:
         dist.barrier()
 
         state = _model_sharded_state_dict(chunks)
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
         if ema is not None:
             state["ema"] = ema.sharded_state_dict(chunks)
         state["scheduler"] = scheduler.state_dict()
@@ -175,7 +178,9 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(str(path))
         state = _model_sharded_state_dict(chunks)
         if optimizer is not None:
-            state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+            state["optimizer"] = optimizer.sharded_state_dict(
+                state, is_loading=True, metadata=_OPTIM_METADATA
+            )
         if ema is not None:
             state["ema"] = ema.sharded_state_dict(chunks)
         same_world = common["train_state"].get("world_size") == dist.get_world_size()

@@ -1,0 +1,66 @@
+"""Shared helpers for the training tests: tiny synthetic data and job configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lumos_mcore.config.data import DataConfig
+from lumos_mcore.config.diffusion import DiffusionConfig
+from lumos_mcore.config.job import JobConfig
+from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.config.parallel import ParallelConfig
+from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
+from lumos_mcore.data.synthetic import write_synthetic_feature_shards
+
+
+def make_data(root: Path, num_samples: int = 64, latent_size: int = 8, cond_dim: int = 32) -> Path:
+    return write_synthetic_feature_shards(
+        root / "data",
+        num_samples=num_samples,
+        latent_size=latent_size,
+        cond_tokens=1,
+        cond_dim=cond_dim,
+        samples_per_shard=16,
+        seed=0,
+    )
+
+
+def make_job(data: Path, out: Path, *, objective: str = "ddpm", steps: int = 12, **sections) -> JobConfig:
+    """A Lumos-Micro job on 8x8 latents; ``sections`` override whole config sections."""
+    base = dict(
+        data=DataConfig(path=str(data), num_workers=0),
+        model=ModelConfig(name="Lumos-Micro/2", latent_size=8, cond_channels=32),
+        diffusion=DiffusionConfig(objective=objective),
+        optim=OptimConfig(lr=2e-3, warmup_steps=2),
+        train=TrainConfig(
+            steps=steps,
+            micro_batch_size=4,
+            global_batch_size=8,
+            log_interval=100,
+            output_dir=str(out),
+            ema_decay=0.99,
+            tensorboard=False,
+        ),
+        checkpoint=CheckpointConfig(save_interval=4),
+        parallel=ParallelConfig(),
+    )
+    base.update(sections)
+    return JobConfig(**base)
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    """Per-step loss from metrics.jsonl; a step logged twice (re-run after a kill) keeps the last."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        losses[rec["step"]] = rec["train/loss"]
+    return losses
+
+
+def train_in_process(rank: int, world: int, job: JobConfig) -> dict:
+    """``run_distributed`` target: train ``job`` on this rank, return the logging rank's losses."""
+    from lumos_mcore.training.loop import Trainer
+
+    result = Trainer(job).run()
+    return {"losses": result.losses, "step": result.final_step, "checkpoint": result.checkpoint}
