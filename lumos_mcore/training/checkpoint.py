@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch import nn
 
+from lumos_mcore.training.compat import apply_optimizer_checkpoint_fix
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.setup import unwrap
 
@@ -78,6 +79,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def _rng_sharded(world: int) -> ShardedObject:
     rank = dist.get_rank()
     return ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state (incl. ``step``) before a load.
+
+    The distributed optimizer builds its loading template from ``state_dict()``, which needs
+    per-parameter state to exist; megatron's own ``init_state_fn`` omits torch Adam's ``step``.
+    The loaded values overwrite all of it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                st = inner.state[p]
+                if not st:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    st["step"] = torch.tensor(0.0)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load.
+
+    megatron's distributed optimizer (torch AdamW path, no Apex/TE) restores ``step`` as one
+    tensor object shared by all parameter states; torch's foreach AdamW then increments that
+    shared tensor once per parameter, corrupting the bias correction from the next step on.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -176,8 +211,12 @@ class Checkpointer:
         """Restore into the given objects (any may be None to skip); returns the train state."""
         path = Path(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
+        if common["train_state"].get("weights_only"):
+            return self._load_weights_only(path, common, chunks, ema)
         state = _model_sharded_state_dict(chunks)
         if optimizer is not None:
+            apply_optimizer_checkpoint_fix()
+            _prime_optimizer_state(optimizer)
             state["optimizer"] = optimizer.sharded_state_dict(
                 state, is_loading=True, metadata=_OPTIM_METADATA
             )
@@ -193,6 +232,7 @@ class Checkpointer:
             unwrap(chunk).load_state_dict(loaded[key], strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(optimizer)
         if ema is not None:
             ema.load_state_dict(loaded["ema"])
         if scheduler is not None:
@@ -204,3 +244,140 @@ class Checkpointer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return common["train_state"]
+
+    def _load_weights_only(self, path: Path, common: dict, chunks, ema: EMA | None) -> dict:
+        """A converted / exported checkpoint: weights (and EMA if stored); training starts fresh."""
+        state = _model_sharded_state_dict(chunks)
+        has_ema = bool(common["train_state"].get("has_ema"))
+        if ema is not None and has_ema:
+            state["ema"] = ema.sharded_state_dict(chunks)
+        loaded = dist_checkpointing.load(state, str(path))
+        for i, chunk in enumerate(chunks):
+            key = "model" if len(chunks) == 1 else f"model{i}"
+            unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        if ema is not None:
+            if has_ema:
+                ema.load_state_dict(loaded["ema"])
+            else:
+                ema.reset(chunks)
+        log.info("loaded weights from %s (no optimizer state: training starts at step 0)", path)
+        return {**common["train_state"], "step": 0}
+
+
+def save_weights_only(
+    path: str | os.PathLike,
+    weights: dict[str, torch.Tensor],
+    model_config: dict[str, Any],
+    ema: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write full (unsharded) megatron-named weights as a ``dist_checkpointing`` checkpoint.
+
+    Keys are megatron's global sharded keys, so the result loads at any TP / PP / CP layout.
+    Written into ``<path>.partial`` and renamed when complete. Needs torch.distributed (one
+    process is enough).
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    path = Path(path)
+    partial = path.with_name(path.name + _PARTIAL)
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    state: dict[str, Any] = {
+        "model": _sharded_full_weights(weights, ShardedTensor),
+        "train_state": {
+            "step": 0,
+            "weights_only": True,
+            "has_ema": ema is not None,
+            "model_config": model_config,
+            "world_size": dist.get_world_size(),
+        },
+    }
+    if ema is not None:
+        state["ema"] = {
+            k: ShardedTensor.from_rank_offsets(
+                f"ema.{k}", v.contiguous(), replica_id=dist.get_rank()
+            )
+            for k, v in ema.items()
+        }
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(partial, path)
+    dist.barrier()
+    return path
+
+
+def read_full_weights(path: str | os.PathLike, *, ema: bool = False) -> tuple[dict, dict]:
+    """``(weights, model_config)`` of a checkpoint, as full tensors with megatron global names.
+
+    ``ema=True`` returns the EMA weights (error if the checkpoint has none). Accepts a checkpoint
+    folder or a checkpoint root (then its newest complete checkpoint).
+    """
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+
+    path = Path(path)
+    if not (path / "metadata.json").is_file():
+        found = Checkpointer(path).latest()
+        if found is None:
+            raise FileNotFoundError(f"{path}: not a megatron checkpoint folder or checkpoint root")
+        path = found
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    model_config = common["train_state"].get("model_config")
+    if model_config is None:
+        raise ValueError(f"{path}: checkpoint has no model config (train_state.model_config)")
+    tensors = {k: v for k, v in load_plain_tensors(str(path)).items() if torch.is_tensor(v)}
+    prefix = "ema."
+    if ema:
+        weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"{path}: no EMA weights stored; drop --ema")
+    else:
+        weights = {k: v for k, v in tensors.items() if not k.startswith((prefix, "optimizer."))}
+    weights = {k: v for k, v in weights.items() if not k.endswith("_extra_state")}
+    return _unstack_layers(weights), model_config
+
+
+_LAYERS = "decoder.layers."
+
+
+def _unstack_layers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """megatron stores homogeneous layers as one tensor per name with a leading layer axis
+    (``decoder.layers.<name>`` of shape ``[L, ...]``); split them into per-layer names."""
+    out = {}
+    for key, value in weights.items():
+        rest = key[len(_LAYERS) :] if key.startswith(_LAYERS) else None
+        if rest is not None and not rest.split(".", 1)[0].isdigit():
+            for i, layer in enumerate(value.unbind(0)):
+                out[f"{_LAYERS}{i}.{rest}"] = layer.clone()
+        else:
+            out[key] = value
+    return out
+
+
+def _sharded_full_weights(weights: dict[str, torch.Tensor], sharded_cls, prefix: str = "") -> dict:
+    """Full tensors as ShardedTensors under the keys a LumosDiT's sharded state dict uses:
+    per-layer tensors become slices ``i`` of the stacked ``decoder.layers.<name>`` tensor."""
+    rank = dist.get_rank()
+    num_layers = 1 + max(
+        (int(k[len(_LAYERS) :].split(".", 1)[0]) for k in weights if k.startswith(_LAYERS)),
+        default=-1,
+    )
+    out = {}
+    for key, value in weights.items():
+        value = value.contiguous()
+        if key.startswith(_LAYERS):
+            index, rest = key[len(_LAYERS) :].split(".", 1)
+            out[key] = sharded_cls.from_rank_offsets(
+                f"{prefix}{_LAYERS}{rest}",
+                value,
+                (0, int(index), num_layers),
+                replica_id=rank,
+                prepend_axis_num=1,
+            )
+        else:
+            out[key] = sharded_cls.from_rank_offsets(f"{prefix}{key}", value, replica_id=rank)
+    return out

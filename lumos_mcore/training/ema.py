@@ -28,6 +28,13 @@ class EMA:
         ]
 
     @torch.no_grad()
+    def reset(self, model_chunks: list[nn.Module]) -> None:
+        """Restart the average from the current weights (e.g. after loading new weights)."""
+        for shadow, chunk in zip(self.shadow, model_chunks):
+            for name, param in unwrap(chunk).named_parameters():
+                shadow[name].copy_(param.detach().float())
+
+    @torch.no_grad()
     def update(self, model_chunks: list[nn.Module]) -> None:
         for shadow, chunk in zip(self.shadow, model_chunks):
             for name, param in unwrap(chunk).named_parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -16,7 +17,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from lumos_mcore.config.job import JobConfig
-from lumos_mcore.config.loader import save_config
+from lumos_mcore.config.loader import config_to_dict, save_config
 from lumos_mcore.data.features import FeatureDataset
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
@@ -45,10 +46,8 @@ class _StopFlag:
     def __init__(self) -> None:
         self.requested = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (embedded use)
                 signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. embedded use)
-                pass
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -145,6 +144,8 @@ class Trainer:
             "step": self.step,
             "consumed_samples": self.data.consumed_samples,
             "data": self.data.state_dict(),
+            "model_config": config_to_dict(self.job.model),
+            "job": config_to_dict(self.job),
         }
         path = self.checkpointer.save(
             self.step, self.chunks, self.optimizer, self.scheduler, self.ema, state

@@ -115,17 +115,27 @@ def test_sigkill_during_checkpoint_save_then_resume(setup):
     assert [got[s] for s in range(1, STEPS + 1)] == [ref[s] for s in range(1, STEPS + 1)]
 
 
-def test_distributed_optimizer_dp2_follows_dp1(tmp_path):
+def test_distributed_optimizer_dp2_follows_dp1_and_resumes(tmp_path):
+    """DP=2 with the distributed optimizer equals DP=1, also across a save + resume."""
     data = make_data(tmp_path)
-    single = make_job(data, tmp_path / "dp1", steps=4)
-    dist_opt = make_job(
-        data, tmp_path / "dp2", steps=4, parallel=ParallelConfig(use_distributed_optimizer=True)
-    )
+    single = make_job(data, tmp_path / "dp1", steps=6)
     (ref,) = run_distributed(train_in_process, 1, single)
-    got = [r for r in run_distributed(train_in_process, 2, dist_opt) if r["losses"]]
-    assert len(got) == 1
-    for a, b in zip(got[0]["losses"], ref["losses"]):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (got[0]["losses"], ref["losses"])
+
+    def dist_opt(steps):
+        return make_job(
+            data,
+            tmp_path / "dp2",
+            steps=steps,
+            parallel=ParallelConfig(use_distributed_optimizer=True),
+        )
+
+    first = [r for r in run_distributed(train_in_process, 2, dist_opt(4)) if r["losses"]]
+    second = [r for r in run_distributed(train_in_process, 2, dist_opt(6)) if r["losses"]]
+    assert len(first) == len(second) == 1
+    got = first[0]["losses"] + second[0]["losses"]  # steps 1-4, then 5-6 after the resume
+    assert len(got) == 6
+    for a, b in zip(got, ref["losses"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (got, ref["losses"])
 
 
 def test_checkpoint_from_tp2_continues_at_pp2(setup, tmp_path):
