@@ -26,7 +26,9 @@ def make_data(root: Path, num_samples: int = 64, latent_size: int = 8, cond_dim:
     )
 
 
-def make_job(data: Path, out: Path, *, objective: str = "ddpm", steps: int = 12, **sections) -> JobConfig:
+def make_job(
+    data: Path, out: Path, *, objective: str = "ddpm", steps: int = 12, **sections
+) -> JobConfig:
     """A Lumos-Micro job on 8x8 latents; ``sections`` override whole config sections."""
     base = dict(
         data=DataConfig(path=str(data), num_workers=0),
