@@ -48,7 +48,9 @@ class EMA:
             chunk_sd = {}
             for name, sh in sharded.items():
                 if name in shadow:  # weights only (no buffers / extra state)
-                    chunk_sd[name] = dataclasses.replace(sh, key=f"ema.{sh.key}", data=shadow[name])
+                    chunk_sd[name] = dataclasses.replace(
+                        sh, key=f"ema.{sh.key}", data=shadow[name], dtype=shadow[name].dtype
+                    )
             out[f"chunk{i}"] = chunk_sd
         return out
 

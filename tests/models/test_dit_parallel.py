@@ -194,6 +194,16 @@ def test_i2i_layout_matches_single_process(i2i_reference, layout):
     _check(ref, results, dp)
 
 
+def test_full_recompute_tp2_sp_matches_single_process(i2i_reference):
+    """Full activation recompute (uniform, 1 layer per checkpoint) under TP=2 + SP."""
+    batch, ref = i2i_reference
+    model_kw = dict(I2I, recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    results = run_distributed(
+        _rank_fn, 2, dict(tp=2, sequence_parallel=True), model_kw, ref["state"], batch
+    )
+    _check(ref, results, 1)
+
+
 @pytest.mark.parametrize("layout", ["tp2_sp", "pp2_vpp2"])
 def test_t2i_adaln_single_matches_single_process(t2i_reference, layout):
     """adaLN-single, size conditioning and padded T5 tokens under SP and interleaved PP."""
