@@ -1,0 +1,133 @@
+"""Backend choice of lumos_mcore.ops: modes, measured selection, collective agreement."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.dist_utils import run_distributed
+
+pytest.importorskip("triton", reason="triton is not installed (requirements.txt)")
+
+S, B, D = 6, 2, 24
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    from lumos_mcore import ops
+
+    monkeypatch.delenv("LUMOS_KERNELS", raising=False)
+    ops.reset_kernel_choices()
+    yield
+    ops.reset_kernel_choices()
+
+
+def inputs(g):
+    x = torch.randn(S, B, D, generator=g, requires_grad=True)
+    shift = torch.randn(1, B, D, generator=g, requires_grad=True)
+    scale = torch.randn(1, B, D, generator=g, requires_grad=True)
+    return x, shift, scale
+
+
+def test_mode_validation(monkeypatch):
+    from lumos_mcore import ops
+
+    monkeypatch.setenv("LUMOS_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="LUMOS_KERNELS='cuda'"):
+        ops.kernel_mode()
+
+
+def test_auto_on_cpu_is_the_reference_and_logged_once(caplog):
+    from kernels import norm_modulate_reference
+    from lumos_mcore import ops
+
+    x, shift, scale = inputs(torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.INFO, logger="lumos_mcore.ops.dispatch"):
+        for _ in range(3):
+            out = ops.norm_modulate(x, shift, scale, 1e-6, "layernorm")
+    assert torch.equal(out, norm_modulate_reference(x, shift, scale, 1e-6, "layernorm"))
+    lines = [r.getMessage() for r in caplog.records if "norm_modulate" in r.getMessage()]
+    assert lines == ["kernel norm_modulate: torch (CPU tensors)"]
+    assert ops.kernel_choices() == {}  # nothing measured for CPU tensors
+
+
+def test_forced_modes(monkeypatch):
+    """LUMOS_KERNELS=triton runs the kernel (CPU: in the interpreter), =torch the reference."""
+    import kernels
+    from lumos_mcore import ops
+
+    if not kernels.interpret_mode() and not torch.cuda.is_available():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on GPU, else interpreted
+    g = torch.Generator().manual_seed(1)
+    x, shift, scale = (t.detach().to(dev).requires_grad_() for t in inputs(g))
+    y = torch.randn(S, B, D, generator=g).to(dev)
+    gate, bias = torch.randn(B, D, generator=g).to(dev), torch.randn(D, generator=g).to(dev)
+    freqs = kernels.rope3d_freqs(kernels.rope3d_positions(1, 2, 3), 8, split=(4, 2, 2)).to(dev)
+    q = torch.randn(S, B, 3, 8, generator=g).to(dev)
+
+    monkeypatch.setenv("LUMOS_KERNELS", "triton")
+    got = [
+        ops.norm_modulate(x, shift, scale, 1e-6, "rmsnorm"),
+        ops.gated_residual(x, y, gate, bias),
+        ops.apply_rope3d(q, freqs),
+    ]
+    want = [
+        kernels.norm_modulate_triton(x, shift, scale, 1e-6, "rmsnorm"),
+        kernels.gated_residual_triton(x, y, gate, bias),
+        kernels.apply_rope3d_triton(q, freqs),
+    ]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got[0].grad_fn is not None and "NormModulate" in type(got[0].grad_fn).__name__
+
+    monkeypatch.setenv("LUMOS_KERNELS", "torch")
+    ref = ops.norm_modulate(x, shift, scale, 1e-6, "rmsnorm")
+    assert torch.equal(ref, kernels.norm_modulate_reference(x, shift, scale, 1e-6, "rmsnorm"))
+    torch.testing.assert_close(ref, want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_autoselect_single_process_picks_the_faster():
+    import kernels
+    from lumos_mcore import ops
+
+    if not kernels.can_launch(torch.empty(0)):
+        pytest.skip("needs the triton interpreter for CPU timing")
+    choices = ops.autoselect(
+        seq_len=8, batch=1, hidden_size=16, num_heads=2, dtype=torch.float32, device="cpu"
+    )
+    assert set(choices) == set(ops.OPS)
+    for op, c in choices.items():
+        assert c.op == op and c.triton_ms > 0 and c.torch_ms > 0
+        assert c.backend == ("triton" if c.triton_ms < c.torch_ms else "torch")
+    assert ops.kernel_choices() == choices
+
+
+FAKE_TIMES = {  # (triton ms, torch ms) per rank: the group average decides
+    "norm_modulate": [(1.0, 2.0), (5.0, 2.0)],  # rank 0 alone would pick triton; mean -> torch
+    "gated_residual": [(1.0, 2.0), (1.5, 2.0)],  # both faster with triton -> triton
+    "rope3d": [(3.0, 2.0), (1.0, 2.0)],  # mean 2.0 vs 2.0 -> torch (triton must be faster)
+}
+
+
+def _autoselect_rank(rank, world):
+    import torch.distributed as dist
+
+    from lumos_mcore import ops
+    from lumos_mcore.ops import dispatch
+
+    dist.init_process_group("gloo")  # rendezvous from run_distributed's environment
+    dispatch._measure = lambda op, *a, **k: FAKE_TIMES[op][rank]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: kernels interpreted
+    choices = ops.autoselect(
+        seq_len=4, batch=1, hidden_size=8, num_heads=2, dtype=torch.float32, device=device
+    )
+    return {op: c.backend for op, c in choices.items()}
+
+
+def test_autoselect_ranks_agree():
+    results = run_distributed(_autoselect_rank, 2, timeout=120)
+    want = {"norm_modulate": "torch", "gated_residual": "triton", "rope3d": "torch"}
+    assert results == [want, want]

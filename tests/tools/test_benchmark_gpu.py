@@ -1,0 +1,116 @@
+"""CPU checks of tools/benchmark_gpu.py: the FLOP count, the fused-ops layer it times (must
+compute exactly what DiTLayer computes) and the report it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_gpu", ROOT / "tools" / "benchmark_gpu.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_gpu"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_flops_follow_design_section_4(bench):
+    """At D = 1152 self-attention FLOPs equal the token-linear FLOPs near L = 7 D (~8K)."""
+    d = 1152
+    total = bench.flops_fwd_per_layer(7 * d, d, 0)
+    attention = 4 * (7 * d) ** 2 * d
+    assert total == pytest.approx(2 * attention + 12 * d * d)  # linear 28 L D^2 == 4 L^2 D
+    # cross-attention with Lc condition tokens and adaLN add exactly their terms
+    assert bench.flops_fwd_per_layer(100, 64, 3) - bench.flops_fwd_per_layer(100, 64, 0) == (
+        4 * 100 * 3 * 64 + 4 * 3 * 64 * 64
+    )
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    from lumos_mcore.config.parallel import ParallelConfig
+    from lumos_mcore.parallel.state import destroy_parallel, initialize_parallel
+
+    initialize_parallel(ParallelConfig(), num_attention_heads=4, num_layers=2)
+    yield
+    destroy_parallel()
+
+
+def test_fused_layer_equals_dit_layer(bench, parallel, monkeypatch):
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    from lumos_mcore.config.model import ModelConfig
+    from lumos_mcore.models.dit.model import build_transformer_config
+
+    monkeypatch.setenv("LUMOS_KERNELS", "torch")  # CPU: the ops' PyTorch references
+    mcfg = ModelConfig(name="Lumos-Tiny/2", depth=2, hidden_size=64, num_heads=4, precision="fp32")
+    config = build_transformer_config(mcfg)
+    blocks = []
+    for fused in (False, True):
+        spec = bench.build_spec(bench.Variant("local", "sdpa", fused=fused))
+        torch.manual_seed(0)
+        blk = TransformerBlock(config, spec, post_layer_norm=False)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for _, p in sorted(blk.named_parameters()):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        blocks.append(blk)
+    assert type(blocks[1].layers[0]).__name__ == "FusedDiTLayer"
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10, 2, 64, generator=g, requires_grad=True)
+    c, ctx = torch.randn(1, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
+    outs, grads = [], []
+    for blk in blocks:
+        out = blk(hidden_states=x, attention_mask=c, context=ctx)
+        (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
+        outs.append(out)
+        grads.append(gx)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+
+
+def test_report_has_table_targets_and_skips(bench, tmp_path):
+    v_bf16, v_fp8 = bench.Variant("te", "te"), bench.Variant("te", "te", "fp8-tensorwise")
+    rows = [
+        bench.Row(
+            "XL", 16384, v_bf16, False, 28, 28, ms=300.0, tokens_per_s=5.5e4, tflops=520.0, mfu=0.53
+        ),
+        bench.Row(
+            "2B", 16384, v_bf16, False, 22, 22, ms=500.0, tokens_per_s=3.0e4, tflops=400.0, mfu=0.40
+        ),
+        bench.Row(
+            "2B", 16384, v_fp8, False, 22, 22, ms=350.0, tokens_per_s=4.2e4, tflops=570.0, mfu=0.29
+        ),
+        bench.Row("XL", 65536, v_bf16, True, 28, 28, status="out of memory"),
+    ]
+    summary = tmp_path / "summary.txt"
+    summary.write_text("== 40 passed, 3 skipped ==\n")
+    args = SimpleNamespace(iters=6, warmup=2, tests_summary=str(summary))
+    env = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x"}
+    text = bench.report(
+        rows,
+        ["local / flash / bf16: skipped (missing package: flash-attn)"],
+        env,
+        bench.PEAKS,
+        [],
+        args,
+    )
+    assert text.startswith("# GPU benchmark -- NVIDIA H100 80GB HBM3")
+    assert "| XL (28x1152, 16x72) | 16384 | te / te / bf16 | none | 300.0 |" in text
+    assert ">= 50% MFU: **met** -- best 53.0%" in text
+    assert (
+        "FP8 >= 1.3x bf16 tokens/s on the 2B configuration (16384 tokens): **met** -- 1.40x" in text
+    )
+    assert "64K tokens per sample on one GPU with recompute: **NOT met**" in text
+    assert "out of memory" in text and "missing package: flash-attn" in text and "40 passed" in text

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# The GPU proof in one command (works without network):
+#   1. installs the wheels placed in wheels/ inside or beside the repository (or $LUMOS_WHEELS),
+#      offline (--no-index), e.g. transformer-engine, flash-attn, triton, nvidia-dali;
+#   2. reports which optional GPU packages import;
+#   3. runs every GPU test (tests/gpu) plus the kernel / ops tests on CUDA (tests/kernels,
+#      tests/ops) in one pytest process;
+#   4. runs tools/benchmark_gpu.py, which writes docs/benchmarks/gpu_<date>.md (with the test
+#      summary and the GPU name);
+#   5. prints, last, every part that was skipped and why (missing package, too few GPUs).
+#
+# Usage: tools/gpu_proof.sh [--quick] [--tests-only | --bench-only] [-- <benchmark args>]
+#   --quick       benchmark 4 layers per configuration, 3 timed steps (a smoke run, ~2 min)
+# Environment: LUMOS_WHEELS (extra wheel folder), PYTHON (interpreter; default .venv/bin/python
+# if present, else python3), LUMOS_PROOF_DIR (logs; default runs/gpu_proof_<date>).
+# Exit status: 0 when the tests passed and the benchmark ran; skips do not fail the proof.
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+QUICK=0
+RUN_TESTS=1
+RUN_BENCH=1
+BENCH_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --tests-only) RUN_BENCH=0 ;;
+    --bench-only) RUN_TESTS=0 ;;
+    --) shift; BENCH_ARGS=("$@"); break ;;
+    *) echo "usage: $0 [--quick] [--tests-only | --bench-only] [-- <benchmark args>]" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+DATE="$(date +%F)"
+LOG_DIR="${LUMOS_PROOF_DIR:-$ROOT/runs/gpu_proof_$DATE}"
+mkdir -p "$LOG_DIR"
+SKIPS="$LOG_DIR/skipped.txt"
+: > "$SKIPS"
+
+if [ -n "${PYTHON:-}" ]; then
+  PY="$PYTHON"
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+  PY="$ROOT/.venv/bin/python"
+else
+  PY="$(command -v python3 || command -v python)"
+fi
+echo "[proof] python: $PY"
+echo "[proof] logs:   $LOG_DIR"
+
+# -- 1. offline wheels ------------------------------------------------------------------------
+for dir in "$ROOT/wheels" "$ROOT/../wheels" "${LUMOS_WHEELS:-}"; do
+  [ -n "$dir" ] && [ -d "$dir" ] || continue
+  shopt -s nullglob
+  wheels=("$dir"/*.whl)
+  shopt -u nullglob
+  [ ${#wheels[@]} -gt 0 ] || continue
+  echo "[proof] installing ${#wheels[@]} wheel(s) from $dir (offline)"
+  if ! "$PY" -m pip install --no-index --find-links "$dir" "${wheels[@]}" >"$LOG_DIR/pip_$(basename "$dir").log" 2>&1; then
+    echo "[proof] WARNING: pip could not install every wheel from $dir (see $LOG_DIR/pip_$(basename "$dir").log)"
+    tail -n 5 "$LOG_DIR/pip_$(basename "$dir").log"
+  fi
+done
+
+# -- 2. what is there ---------------------------------------------------------------------------
+"$PY" - "$SKIPS" <<'EOF'
+import importlib, sys
+skips = open(sys.argv[1], "a")
+import torch
+print(f"[proof] torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{torch.cuda.device_count()} GPU(s): "
+      + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+if not torch.cuda.is_available():
+    print("[proof] no CUDA device: every GPU part will be skipped")
+    skips.write("everything on GPU: no CUDA device\n")
+checks = [
+    ("triton", "triton", "Triton kernels on CUDA, fused-op benchmark rows"),
+    ("transformer_engine.pytorch", "transformer-engine[pytorch]", "TE spec, FP8, TE context parallelism"),
+    ("megatron.core.extensions.transformer_engine", "transformer-engine (megatron TE extension)", "TE spec"),
+    ("flash_attn", "flash-attn", "flash-attn tests and benchmark rows"),
+    ("flash_attn_interface", "flash-attn 3 (hopper build)", "FA3 backend (FA2 used instead)"),
+    ("nvidia.dali", "nvidia-dali-cuda120/130", "DALI GPU decode tests"),
+    ("av", "av (PyAV)", "H.264 test video for the DALI video test"),
+]
+for module, package, what in checks:
+    try:
+        mod = importlib.import_module(module)
+        version = getattr(mod, "__version__", "")
+        print(f"[proof]   ok       {module} {version}")
+    except Exception as exc:  # ImportError, or a broken build
+        print(f"[proof]   MISSING  {module}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+        skips.write(f"{what}: missing package {package}\n")
+if torch.cuda.device_count() < 2:
+    skips.write(f"2-GPU tests (TE context parallelism, DP=2 DDP / distributed optimizer): "
+                f"{torch.cuda.device_count()} GPU(s) here\n")
+EOF
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/[proof] nvidia-smi: /'
+
+# -- 3. tests -----------------------------------------------------------------------------------
+TEST_RC=0
+SUMMARY="$LOG_DIR/test_summary.txt"
+if [ "$RUN_TESTS" = 1 ]; then
+  echo "[proof] pytest tests/gpu tests/kernels tests/ops"
+  "$PY" -m pytest -v -rs -p no:cacheprovider --junitxml="$LOG_DIR/gpu_tests.xml" \
+      tests/gpu tests/kernels tests/ops 2>&1 | tee "$LOG_DIR/gpu_tests.log"
+  TEST_RC=${PIPESTATUS[0]}
+  grep -E "^(SKIPPED|FAILED|ERROR)" "$LOG_DIR/gpu_tests.log" > "$SUMMARY" || true
+  tail -n 1 "$LOG_DIR/gpu_tests.log" >> "$SUMMARY"
+  grep -E "^SKIPPED" "$LOG_DIR/gpu_tests.log" | sed 's/^SKIPPED \[[0-9]*\] /test skipped: /' >> "$SKIPS" || true
+fi
+
+# -- 4. benchmark -------------------------------------------------------------------------------
+BENCH_RC=0
+REPORT="$ROOT/docs/benchmarks/gpu_$DATE.md"
+if [ "$RUN_BENCH" = 1 ]; then
+  args=(--out "$REPORT" --json "$LOG_DIR/benchmark.json")
+  [ -f "$SUMMARY" ] && args+=(--tests-summary "$SUMMARY")
+  [ "$QUICK" = 1 ] && args+=(--quick)
+  echo "[proof] benchmark: tools/benchmark_gpu.py ${args[*]} ${BENCH_ARGS[*]:-}"
+  "$PY" tools/benchmark_gpu.py "${args[@]}" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_DIR/benchmark.log"
+  BENCH_RC=${PIPESTATUS[0]}
+  grep -E "^\[benchmark\] SKIPPED: " "$LOG_DIR/benchmark.log" | sed 's/^\[benchmark\] SKIPPED: /benchmark: /' >> "$SKIPS" || true
+fi
+
+# -- 5. summary ---------------------------------------------------------------------------------
+echo
+echo "================================ GPU proof summary ================================"
+[ "$RUN_TESTS" = 1 ] && echo "tests:     $(tail -n 1 "$SUMMARY") (exit $TEST_RC; log $LOG_DIR/gpu_tests.log)"
+[ "$RUN_BENCH" = 1 ] && echo "benchmark: exit $BENCH_RC; report $REPORT"
+if [ -s "$SKIPS" ]; then
+  echo "SKIPPED (missing package / hardware):"
+  sort -u "$SKIPS" | sed 's/^/  - /'
+else
+  echo "SKIPPED: nothing"
+fi
+echo "===================================================================================="
+[ "$TEST_RC" = 0 ] && [ "$BENCH_RC" = 0 ]
