@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VARIANTS = ("i2i", "t2i")
+VARIANTS = ("i2i", "t2i", "i2v", "nvs")
 ADALN_TYPES = ("zero", "single")
 SPECS = ("auto", "local", "te")
 RECOMPUTE = ("none", "full", "selective")
 RECOMPUTE_METHODS = ("uniform", "block")
 PRECISIONS = ("auto", "fp32", "bf16")
+VIDEO_ATTENTION = ("spatial_temporal", "full_3d")
+POS_EMBEDS = ("sincos", "rope")
+NORMS = ("layernorm", "rmsnorm")
+CP_LAYOUTS = ("auto", "contiguous", "zigzag")
 
 
 @dataclass
@@ -19,7 +23,19 @@ class ModelConfig:
     ``name`` picks a size from the registry (``Lumos-XL/2`` = 28 x 1152 x 16 heads, patch 2);
     ``depth``/``hidden_size``/``num_heads`` override it for experiments. ``variant`` fixes what the
     condition tokens are: ``i2i`` = DINO (CLS: 1 x 768, or patch tokens: 256 x 768), ``t2i`` =
-    T5 (120 x 4096) with optional PixArt-alpha size/aspect conditioning.
+    T5 (120 x 4096) with optional PixArt-alpha size/aspect conditioning, ``i2v`` = DINO feature
+    of the first frame for ``num_frames`` latent frames, ``nvs`` = DINO feature of the input view
+    plus the relative camera ``(R, T)``, with the input view's latent concatenated channel-wise.
+
+    Video (``i2v``): ``video_attention`` is ``spatial_temporal`` (per-frame self-attention plus a
+    zero-initialised temporal self-attention per block, the Lumos/SVD recipe that starts as the
+    I2I model per frame) or ``full_3d`` (one self-attention over all frames' tokens).
+    ``first_frame_condition`` keeps frame 0 clean at timestep 0 and out of the loss.
+
+    Flag-DiT options (any variant): ``norm`` (``layernorm`` | ``rmsnorm``), ``qk_norm`` (per-head
+    norm of queries and keys), ``pos_embed`` (``sincos`` tables | 3-D ``rope`` with
+    ``rope_theta`` and NTK scaling ``rope_ntk_factor``), ``cross_attn_gate`` (zero-initialised
+    tanh gate per head on the cross-attention).
     """
 
     name: str = "Lumos-Tiny/2"
@@ -41,6 +57,22 @@ class ModelConfig:
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
+    # Video (i2v).
+    num_frames: int = 1  # latent frames per sample
+    video_attention: str = "spatial_temporal"
+    first_frame_condition: bool = True
+    # Novel-view synthesis (nvs): flattened relative camera (R: 9, T: 3).
+    camera_dim: int = 12
+    # Flag-DiT options.
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    pos_embed: str = "sincos"
+    rope_theta: float = 10000.0
+    rope_ntk_factor: float = 1.0
+    cross_attn_gate: bool = False
+    # How a sequence is split over context-parallel ranks: contiguous equal chunks (local
+    # spec) or two zig-zag chunks per sample (TransformerEngine's THD convention); auto picks.
+    cp_layout: str = "auto"
 
     def __post_init__(self) -> None:
         from lumos_mcore.models.common.registry import get_model_size
@@ -52,9 +84,46 @@ class ModelConfig:
         _choice("model.recompute", self.recompute, RECOMPUTE)
         _choice("model.recompute_method", self.recompute_method, RECOMPUTE_METHODS)
         _choice("model.precision", self.precision, PRECISIONS)
-        for flag in ("in_channels", "latent_size", "cond_channels", "cond_tokens"):
+        _choice("model.video_attention", self.video_attention, VIDEO_ATTENTION)
+        _choice("model.pos_embed", self.pos_embed, POS_EMBEDS)
+        _choice("model.norm", self.norm, NORMS)
+        _choice("model.cp_layout", self.cp_layout, CP_LAYOUTS)
+        for flag in (
+            "in_channels",
+            "latent_size",
+            "cond_channels",
+            "cond_tokens",
+            "num_frames",
+            "camera_dim",
+        ):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"model.{flag}={getattr(self, flag)}: must be positive")
+        if self.variant != "i2v" and self.num_frames != 1:
+            raise ValueError(
+                f"model.num_frames={self.num_frames}: only variant 'i2v' has frames "
+                f"(variant={self.variant!r}); set num_frames=1 or variant='i2v'"
+            )
+        if self.variant == "i2v" and self.first_frame_condition and self.num_frames < 2:
+            raise ValueError(
+                f"model.first_frame_condition=True: needs num_frames >= 2 (got "
+                f"{self.num_frames}); the first frame is the condition, the rest are generated"
+            )
+        if self.rope_theta <= 0 or self.rope_ntk_factor < 1.0:
+            raise ValueError(
+                f"model.rope_theta={self.rope_theta} / model.rope_ntk_factor="
+                f"{self.rope_ntk_factor}: theta must be positive and the NTK factor >= 1"
+            )
+        head_dim = self.hidden_size_ // max(self.num_heads_, 1)
+        if self.pos_embed == "rope" and (head_dim % 2 or head_dim < 6):
+            raise ValueError(
+                f"model.pos_embed='rope': head dim {head_dim} must be even and >= 6 to split "
+                "over the (t, h, w) axes"
+            )
+        if self.pos_embed == "sincos" and self.is_video and self.hidden_size_ % 16:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size_}: a 3-D sin-cos table needs a multiple "
+                "of 16; choose another width or model.pos_embed='rope'"
+            )
         if self.recompute_num_layers <= 0:
             raise ValueError(
                 f"model.recompute_num_layers={self.recompute_num_layers}: must be positive"
@@ -111,9 +180,23 @@ class ModelConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
+    def model_in_channels(self) -> int:
+        """Channels the patch embedder sees (NVS concatenates the input view's latent)."""
+        return self.in_channels * 2 if self.variant == "nvs" else self.in_channels
+
+    @property
+    def is_video(self) -> bool:
+        return self.variant == "i2v"
+
+    @property
+    def temporal_attention(self) -> bool:
+        """Blocks carry a separate temporal self-attention (spatial + temporal video mode)."""
+        return self.is_video and self.video_attention == "spatial_temporal"
+
+    @property
     def num_tokens(self) -> int:
-        """Tokens per sample at the configured latent size."""
-        return (self.latent_size // self.patch_size) ** 2
+        """Tokens per sample at the configured latent size (all frames for video)."""
+        return self.num_frames * (self.latent_size // self.patch_size) ** 2
 
 
 def _choice(flag: str, value: str, allowed: tuple[str, ...]) -> None:

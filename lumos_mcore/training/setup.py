@@ -55,6 +55,7 @@ def build_model(
         vpp=parallel_cfg.vpp,
         sequence_parallel=parallel_cfg.sequence_parallel,
         bf16=bf16,
+        cp_comm_type=parallel_cfg.cp_comm_type,
     )
     if parallel_cfg.vpp and parallel_cfg.pp == 2:
         # With two stages both p2p neighbours are the same rank; batched isend/irecv then

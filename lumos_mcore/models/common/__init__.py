@@ -1,7 +1,8 @@
 """Pure-PyTorch pieces shared by every Lumos model (no megatron import): embeddings, output
-layer, (un)patchify helpers and the size-named backbone registry."""
+layer, (un)patchify helpers, rotary position frequencies and the size-named backbone registry."""
 
 from lumos_mcore.models.common.embeddings import (
+    CameraEmbedder,
     ConditionEmbedder,
     FinalLayer,
     Mlp,
@@ -13,13 +14,19 @@ from lumos_mcore.models.common.embeddings import (
     get_3d_sincos_pos_embed,
     modulate,
     patchify,
+    patchify_video,
+    sincos_pos_embed_from_coords,
     timestep_embedding,
+    token_coords,
     unpatchify,
+    unpatchify_video,
 )
 from lumos_mcore.models.common.registry import MODEL_SIZES, DiTSize, get_model_size
+from lumos_mcore.models.common.rope import rope_axes_dims, rope_freqs
 
 __all__ = [
     "MODEL_SIZES",
+    "CameraEmbedder",
     "ConditionEmbedder",
     "DiTSize",
     "FinalLayer",
@@ -33,6 +40,12 @@ __all__ = [
     "get_model_size",
     "modulate",
     "patchify",
+    "patchify_video",
+    "rope_axes_dims",
+    "rope_freqs",
+    "sincos_pos_embed_from_coords",
     "timestep_embedding",
+    "token_coords",
     "unpatchify",
+    "unpatchify_video",
 ]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "CameraEmbedder",
     "ConditionEmbedder",
     "FinalLayer",
     "Mlp",
@@ -30,10 +31,15 @@ __all__ = [
     "get_1d_sincos_pos_embed",
     "get_2d_sincos_pos_embed",
     "get_3d_sincos_pos_embed",
+    "concat_token_channels",
     "modulate",
     "patchify",
+    "patchify_video",
+    "sincos_pos_embed_from_coords",
     "timestep_embedding",
+    "token_coords",
     "unpatchify",
+    "unpatchify_video",
 ]
 
 
@@ -133,6 +139,47 @@ def get_3d_sincos_pos_embed(
     return table.to(dtype)  # [t*h*w, D]
 
 
+def sincos_pos_embed_from_coords(
+    embed_dim: int,
+    coords: Tensor,
+    grid_hw: tuple[int, int],
+    *,
+    base_size: int | None,
+    interpolation_scale: float = 1.0,
+    temporal_interpolation_scale: float = 1.0,
+    video: bool = False,
+) -> Tensor:
+    """Rows of the 2-D (``video=False``) or 3-D sin-cos table for tokens at ``coords [N, 3]``.
+
+    ``coords`` are ``(frame, row, col)`` token coordinates (as from :func:`token_coords`), so a
+    context-parallel rank builds only the rows of its own tokens. Equals
+    ``get_2d_sincos_pos_embed(D, grid_hw, base_size, ...)[row * w + col]`` and
+    ``get_3d_sincos_pos_embed(D, (t, *grid_hw), base_size, ...)[(frame * h + row) * w + col]``
+    (same float32 position arithmetic, float64 tables); returns float64 ``[N, D]``.
+    """
+    h, w = int(grid_hw[0]), int(grid_hw[1])
+    frames, rows, cols = (coords[:, i].to(torch.float32) for i in range(3))
+    if base_size is not None:
+        rows = rows / (h / base_size)
+        cols = cols / (w / base_size)
+    rows = rows / interpolation_scale
+    cols = cols / interpolation_scale
+    dim_t = embed_dim // 4 if video else 0
+    dim_s = embed_dim - dim_t
+    if dim_s % 4:
+        raise ValueError(
+            f"embed_dim={embed_dim} leaves {dim_s} spatial channels, not a multiple of 4"
+        )
+    spatial = torch.cat(
+        [get_1d_sincos_pos_embed(dim_s // 2, cols), get_1d_sincos_pos_embed(dim_s // 2, rows)],
+        dim=1,
+    )  # [N, dim_s]
+    if not video:
+        return spatial  # [N, D]
+    temporal = get_1d_sincos_pos_embed(dim_t, frames / temporal_interpolation_scale)  # [N, D/4]
+    return torch.cat([temporal, spatial], dim=1)  # [N, D]
+
+
 # ----------------------------------------------------------------------------------------------
 # Timestep / scalar embeddings
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +272,17 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)  # [B, D, h/p, w/p]
         return x.flatten(2).transpose(1, 2)  # [B, N, D]
 
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """The same embedding applied to patchified tokens ``[B, N, p*p*C]`` -> ``[B, N, D]``.
+
+        Token channels are ordered ``(p, q, c)`` (see :func:`patchify`), so the conv kernel
+        ``[D, C, p, q]`` is permuted to ``[D, p, q, C]``; this lets a context-parallel rank
+        embed only its own tokens and packed sequences mix resolutions.
+        """
+        w = self.proj.weight  # [D, C, p, q]
+        w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # [D, p*q*C]
+        return torch.nn.functional.linear(x, w, self.proj.bias)  # [B, N, D]
+
     def initialize_weights(self) -> None:
         """DiT init: xavier-uniform on the conv weight viewed as a ``[D, C*p*p]`` linear."""
         w = self.proj.weight.data
@@ -257,6 +315,51 @@ def unpatchify(x: Tensor, p: int, h: int, w: int, c: int) -> Tensor:
     x = x.reshape(b, h, w, p, p, c)
     x = torch.einsum("nhwpqc->nchpwq", x)  # [B, C, h, p, w, p]
     return x.reshape(b, c, h * p, w * p)  # [B, C, H, W]
+
+
+def patchify_video(x: Tensor, p: int) -> Tensor:
+    """``[B, C, T, H, W] -> [B, T*h*w, p*p*C]`` in frame-major ``(t, h, w)`` token order.
+
+    Token ``n = (f * h + i) * w + j`` is patch ``(i, j)`` of frame ``f``; each frame is
+    patchified exactly as an image by :func:`patchify`. Inverse: :func:`unpatchify_video`.
+    """
+    b, c, t, hh, ww = x.shape
+    frames = x.transpose(1, 2).reshape(b * t, c, hh, ww)  # [B*T, C, H, W]
+    tokens = patchify(frames, p)  # [B*T, h*w, p*p*C]
+    return tokens.reshape(b, t * tokens.shape[1], tokens.shape[2])  # [B, T*h*w, p*p*C]
+
+
+def unpatchify_video(x: Tensor, p: int, t: int, h: int, w: int, c: int) -> Tensor:
+    """``[B, t*h*w, p*p*C] -> [B, C, t, h*p, w*p]`` (inverse of :func:`patchify_video`)."""
+    b, n, f = x.shape
+    if n != t * h * w:
+        raise ValueError(f"unpatchify_video: {n} tokens do not form a {t}x{h}x{w} grid")
+    frames = unpatchify(x.reshape(b * t, h * w, f), p, h, w, c)  # [B*T, C, H, W]
+    return frames.reshape(b, t, c, h * p, w * p).transpose(1, 2)  # [B, C, T, H, W]
+
+
+def token_coords(frames: int, h: int, w: int, index: Tensor | None = None) -> Tensor:
+    """``(frame, row, col)`` of tokens in frame-major order, ``[N, 3]`` long.
+
+    ``index`` (positions within the sample) selects rows, e.g. one context-parallel shard.
+    """
+    if index is None:
+        index = torch.arange(frames * h * w)
+    index = index.long()
+    hw = h * w
+    return torch.stack([index // hw, (index % hw) // w, index % w], dim=1)  # [N, 3]
+
+
+def concat_token_channels(a: Tensor, b: Tensor, p: int) -> Tensor:
+    """Tokens of the channel-wise concatenation of two latents, from their tokens.
+
+    ``patchify(cat([x, y], 1)) == concat_token_channels(patchify(x), patchify(y))``: channels
+    are the fastest axis inside a patch, so the two are interleaved per ``(p, q)`` position.
+    """
+    lead = a.shape[:-1]
+    a = a.reshape(*lead, p * p, -1)  # [..., p*p, Ca]
+    b = b.reshape(*lead, p * p, -1)  # [..., p*p, Cb]
+    return torch.cat([a, b], dim=-1).reshape(*lead, -1)  # [..., p*p*(Ca+Cb)]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -345,6 +448,34 @@ class ConditionEmbedder(nn.Module):
         nn.init.normal_(self.y_proj.fc2.weight, std=std)
 
 
+class CameraEmbedder(nn.Module):
+    """Relative camera ``(R, T)`` of novel-view synthesis -> one vector per sample ``[B, D]``.
+
+    Zero-1-to-3 concatenates the camera to the image embedding before a linear projection;
+    ``Linear([dino; cam]) = Linear_dino(dino) + Linear_cam(cam)``, so the camera is embedded on
+    its own (a GELU-tanh MLP over the flattened ``[R (9), T (3)]``) and added to every condition
+    token. The output layer is zero-initialised: an I2I checkpoint loaded into an NVS model
+    starts out ignoring the camera.
+    """
+
+    def __init__(self, camera_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.camera_dim = camera_dim
+        self.mlp = Mlp(camera_dim, hidden_size, hidden_size)
+        nn.init.normal_(self.mlp.fc1.weight, std=0.02)
+        nn.init.zeros_(self.mlp.fc2.weight)
+        nn.init.zeros_(self.mlp.fc2.bias)
+
+    def forward(self, camera: Tensor) -> Tensor:
+        cam = camera.reshape(camera.shape[0], -1)  # [B, camera_dim]
+        if cam.shape[1] != self.camera_dim:
+            raise ValueError(
+                f"camera has {cam.shape[1]} values per sample; expected model.camera_dim="
+                f"{self.camera_dim} (R flattened (9) then T (3))"
+            )
+        return self.mlp(cam.to(self.mlp.fc1.weight.dtype))  # [B, D]
+
+
 # ----------------------------------------------------------------------------------------------
 # Output layer
 # ----------------------------------------------------------------------------------------------
@@ -372,6 +503,12 @@ class FinalLayer(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # [B, 1, D]
+        """``t`` is ``[B, D]`` (one timestep per sample) or ``[B, N, D]`` (per token, e.g. a
+        clean condition frame at timestep 0)."""
+        if t.ndim == 3:
+            mod = self.scale_shift_table[None, None] + t[:, :, None]  # [B, N, 2, D]
+            shift, scale = mod.unbind(dim=2)  # [B, N, D] each
+        else:
+            shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # [B, 1, D]
         x = modulate(self.norm_final(x), shift, scale)  # [B, N, D]
         return self.linear(x)  # [B, N, p*p*out]

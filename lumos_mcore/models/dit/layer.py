@@ -11,10 +11,19 @@ Lumos block (adaLN-Zero per block, released Lumos code)::
 PixArt adaLN-single has the same block; only where the six modulation vectors come from differs
 (a shared projection ``t0`` plus a per-block table), so it is a different ``adaln`` submodule.
 
+Video blocks (spatial + temporal mode) add a temporal self-attention after the (per-frame)
+self-attention, Stable-Video-Diffusion style::
+
+    x = x + TemporalAttn(Norm(x) [+ temporal sin-cos position])   # out-proj zero-initialised
+
+so a block built from an image block starts out as that image block applied to every frame.
+
 Layout: hidden states ``[s, b, h]`` (``s`` is the local shard under sequence / context
-parallelism). The adaLN conditioning ``c`` is ``[1, b, h]`` (one timestep per sample) or
-``[s, b, h]`` (per-token timesteps, e.g. a clean condition frame in video) and broadcasts over
-``s``.
+parallelism). The adaLN conditioning ``c`` is ``[1, b, h]`` (one timestep per sample, broadcast
+over ``s``), ``[s, b, h]`` (one row per token), or ``[U, b, h]`` rows indexed per token by
+``packed_seq_params.adaln_index`` — per-frame timesteps (a clean condition frame at timestep 0;
+the samples of a pack) cost one adaLN projection per *frame*, and the indexed modulation keeps
+only the ``U`` rows for backward, not ``s`` gathered copies.
 
 How the conditioning reaches the layer: megatron's ``TransformerBlock`` calls every layer with a
 fixed argument list, and under full activation recompute only the tensor arguments
@@ -44,6 +53,53 @@ from torch import Tensor, nn
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation ``x * (1 + scale) + shift`` (shift/scale broadcast over tokens)."""
     return x * (1 + scale) + shift
+
+
+class _RowModulate(torch.autograd.Function):
+    """``x * (1 + scale[idx]) + shift[idx]`` saving ``x`` and the ``[U, b, h]`` rows only."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, index):
+        ctx.save_for_backward(x, scale, index)
+        return torch.addcmul(shift.index_select(0, index), x, 1 + scale.index_select(0, index))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, index = ctx.saved_tensors
+        gx = grad * (1 + scale.index_select(0, index))
+        gshift = grad.new_zeros(scale.shape).index_add_(0, index, grad)
+        gscale = grad.new_zeros(scale.shape).index_add_(0, index, grad * x)
+        return gx, gshift, gscale, None
+
+
+class _RowGate(torch.autograd.Function):
+    """``gate[idx] * y`` saving ``y`` and the ``[U, b, h]`` gate rows only."""
+
+    @staticmethod
+    def forward(ctx, y, gate, index):
+        ctx.save_for_backward(y, gate, index)
+        return y * gate.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gate, index = ctx.saved_tensors
+        gy = grad * gate.index_select(0, index)
+        ggate = grad.new_zeros(gate.shape).index_add_(0, index, grad * y)
+        return gy, ggate, None
+
+
+def modulate_rows(x: Tensor, shift: Tensor, scale: Tensor, index: Tensor | None) -> Tensor:
+    """:func:`modulate` with per-token rows ``shift/scale[index]`` (``index`` None: broadcast)."""
+    if index is None:
+        return modulate(x, shift, scale)
+    return _RowModulate.apply(x, shift, scale, index)  # [s, b, h]
+
+
+def gate_rows(y: Tensor, gate: Tensor, index: Tensor | None) -> Tensor:
+    """``gate * y`` with per-token rows ``gate[index]`` (``index`` None: broadcast)."""
+    if index is None:
+        return gate * y
+    return _RowGate.apply(y, gate, index)  # [s, b, h]
 
 
 def mark_sequence_parallel(module: nn.Module, config: TransformerConfig) -> None:
@@ -131,13 +187,20 @@ class DiTLayerSubmodules:
     adaln: ModuleSpec | type = AdaLNZero
     norm1: ModuleSpec | type = NonAffineLayerNorm
     self_attention: ModuleSpec | type | None = None
+    temporal_norm: ModuleSpec | type = NonAffineLayerNorm
+    temporal_attention: ModuleSpec | type | None = None  # video spatial + temporal mode only
     cross_attention: ModuleSpec | type | None = None
     norm2: ModuleSpec | type = NonAffineLayerNorm
     mlp: ModuleSpec | type | None = None
 
 
 class DiTLayer(MegatronModule, BaseTransformerLayer):
-    """One Lumos/PixArt DiT block built from megatron-core attention and MLP modules."""
+    """One Lumos/PixArt DiT block built from megatron-core attention and MLP modules.
+
+    ``zero_init_cross_proj`` (spec parameter): zero the cross-attention output projection as the
+    released Lumos code does; a tanh-gated cross-attention (Flag-DiT) keeps it and zeroes the
+    gate instead (zeroing both would leave both without gradient).
+    """
 
     def __init__(
         self,
@@ -147,6 +210,7 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         hidden_dropout: float | None = None,
         pg_collection=None,
         vp_stage: int | None = None,
+        zero_init_cross_proj: bool = True,
         **kwargs,
     ) -> None:
         super().__init__(config=config)
@@ -155,21 +219,39 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage)
         self.submodules_config = submodules
         extra = {} if pg_collection is None else {"pg_collection": pg_collection}
+        cp_comm_type = config.cp_comm_type
+        if isinstance(cp_comm_type, list):  # one entry per layer
+            cp_comm_type = cp_comm_type[self.layer_number - 1]
+        extra["cp_comm_type"] = cp_comm_type
         h, eps = config.hidden_size, config.layernorm_epsilon
         self.adaln = build_module(submodules.adaln, config=config)
         self.norm1 = build_module(submodules.norm1, config=config, hidden_size=h, eps=eps)
         self.self_attention = build_module(
             submodules.self_attention, config=config, layer_number=layer_number, **extra
         )
+        self.temporal_norm = self.temporal_attention = None
+        if submodules.temporal_attention is not None:
+            self.temporal_norm = build_module(
+                submodules.temporal_norm, config=config, hidden_size=h, eps=eps
+            )
+            self.temporal_attention = build_module(
+                submodules.temporal_attention, config=config, layer_number=layer_number, **extra
+            )
+            # Zero output: a video block starts as the image block on every frame.
+            with torch.no_grad():
+                self.temporal_attention.linear_proj.weight.zero_()
+                if self.temporal_attention.linear_proj.bias is not None:
+                    self.temporal_attention.linear_proj.bias.zero_()
         self.cross_attention = build_module(
             submodules.cross_attention, config=config, layer_number=layer_number, **extra
         )
         self.norm2 = build_module(submodules.norm2, config=config, hidden_size=h, eps=eps)
         self.mlp = build_module(submodules.mlp, config=config)
-        # Zero-init the cross-attention output so a fresh block ignores the condition
-        # (released Lumos code); megatron already zeroes the bias.
-        with torch.no_grad():
-            self.cross_attention.linear_proj.weight.zero_()
+        if zero_init_cross_proj:
+            # Zero-init the cross-attention output so a fresh block ignores the condition
+            # (released Lumos code); megatron already zeroes the bias.
+            with torch.no_grad():
+                self.cross_attention.linear_proj.weight.zero_()
 
     def forward(
         self,
@@ -181,27 +263,44 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         packed_seq_params=None,
         **kwargs,
     ) -> tuple[Tensor, Tensor | None]:
-        c = attention_mask  # adaLN conditioning [1|s, b, h] (see module docstring)
+        c = attention_mask  # adaLN conditioning [1|s|U, b, h] (see module docstring)
         x = hidden_states  # [s, b, h]
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)  # 6 x [1|s, b, h]
+        index = getattr(packed_seq_params, "adaln_index", None)  # [s] rows of c, or None
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(c)  # 6 x [1|s|U, b, h]
 
-        h = modulate(self.norm1(x), shift1, scale1)  # [s, b, h]
+        h = modulate_rows(self.norm1(x), shift1, scale1, index)  # [s, b, h]
         out, bias = self.self_attention(
             h,
             attention_mask=None,
             rotary_pos_emb=rotary_pos_emb,
             packed_seq_params=packed_seq_params,
         )  # [s, b, h]
-        x = x + gate1 * _add_bias(out, bias)  # [s, b, h]
+        x = x + gate_rows(_add_bias(out, bias), gate1, index)  # [s, b, h]
+
+        if self.temporal_attention is not None:
+            h = self.temporal_norm(x)  # [s, b, h]
+            pos = getattr(packed_seq_params, "temporal_pos", None)  # [s, 1, h] or None
+            if pos is not None:
+                h = h + pos.to(h.dtype)
+            out, bias = self.temporal_attention(
+                h,
+                attention_mask=None,
+                rotary_pos_emb=rotary_pos_emb,
+                packed_seq_params=packed_seq_params,
+            )  # [s, b, h]
+            x = x + _add_bias(out, bias)  # [s, b, h]
 
         out, bias = self.cross_attention(
-            x, attention_mask=context_mask, key_value_states=context
+            x,
+            attention_mask=context_mask,
+            key_value_states=context,
+            packed_seq_params=packed_seq_params,
         )  # [s, b, h]
         x = x + _add_bias(out, bias)  # [s, b, h]
 
-        h = modulate(self.norm2(x), shift2, scale2)  # [s, b, h]
+        h = modulate_rows(self.norm2(x), shift2, scale2, index)  # [s, b, h]
         out, bias = self.mlp(h)  # [s, b, h]
-        x = x + gate2 * _add_bias(out, bias)  # [s, b, h]
+        x = x + gate_rows(_add_bias(out, bias), gate2, index)  # [s, b, h]
 
         # Pipeline sends and activation deallocation need a tensor that is not a view.
         x = make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True)

@@ -4,13 +4,22 @@
 runs everywhere (CPU included); ``get_dit_layer_te_spec`` uses TransformerEngine linears and
 ``TEDotProductAttention`` (fused/flash attention, FP8, TE context parallelism). The non-affine
 norms stay outside TE's fused LayerNorm-Linear because adaLN modulates between norm and linear.
+
+Options shared by both (every Lumos variant can use them):
+
+* ``video``: ``None`` (images, or full 3-D attention over all frames' tokens) or
+  ``"spatial_temporal"`` (per-frame self-attention + a temporal self-attention per block);
+* Flag-DiT: ``norm`` (``layernorm`` | ``rmsnorm``), ``qk_norm`` (per-head norm of q and k,
+  megatron's ``q_layernorm`` / ``k_layernorm``), ``cross_attn_gate`` (tanh-gated cross-attention).
+
+``get_lumos_layer_spec(model_cfg)`` reads all of them from a :class:`ModelConfig`.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
@@ -70,6 +79,23 @@ def te_available() -> bool:
     return True
 
 
+VIDEO_MODES = (None, "spatial_temporal")
+
+
+def _self_attention_spec(linear_col, linear_row, core_attention, qk_norm) -> ModuleSpec:
+    return ModuleSpec(
+        module=SelfAttention,
+        params={"attn_mask_type": AttnMaskType.no_mask},
+        submodules=SelfAttentionSubmodules(
+            linear_qkv=linear_col,
+            core_attention=core_attention,
+            linear_proj=linear_row,
+            q_layernorm=qk_norm,
+            k_layernorm=qk_norm,
+        ),
+    )
+
+
 def _dit_spec(
     *,
     linear_col: type,
@@ -79,22 +105,39 @@ def _dit_spec(
     adaln_type: str,
     norm: str,
     qk_norm: type | None,
+    video: str | None,
+    cross_attn_gate: bool,
 ) -> ModuleSpec:
+    if video not in VIDEO_MODES:
+        raise ValueError(
+            f"video mode {video!r}: choose None (full attention) or 'spatial_temporal'"
+        )
+    st = video == "spatial_temporal"
+
+    def core(pattern: str | None = None, gated: bool = False):
+        # megatron's Attention calls ``submodules.core_attention(...)`` directly (no
+        # build_module), so spec parameters are bound with partial.
+        params = {}
+        if pattern is not None:
+            params["pattern"] = pattern
+        if gated:
+            params["gated"] = True
+        return partial(core_attention, **params) if params else core_attention
+
     return ModuleSpec(
         module=DiTLayer,
+        params={"zero_init_cross_proj": not cross_attn_gate},
         submodules=DiTLayerSubmodules(
             adaln=ADALN[adaln_type],
             norm1=NORMS[norm],
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=linear_col,
-                    core_attention=core_attention,
-                    linear_proj=linear_row,
-                    q_layernorm=qk_norm,
-                    k_layernorm=qk_norm,
-                ),
+            self_attention=_self_attention_spec(
+                linear_col, linear_row, core("spatial" if st else None), qk_norm
+            ),
+            temporal_norm=NORMS[norm],
+            temporal_attention=(
+                _self_attention_spec(linear_col, linear_row, core("temporal"), qk_norm)
+                if st
+                else None
             ),
             cross_attention=ModuleSpec(
                 module=CrossAttention,
@@ -102,7 +145,7 @@ def _dit_spec(
                 submodules=CrossAttentionSubmodules(
                     linear_q=linear_col,
                     linear_kv=linear_ctx,
-                    core_attention=core_attention,
+                    core_attention=core(gated=cross_attn_gate),
                     linear_proj=linear_row,
                 ),
             ),
@@ -116,7 +159,12 @@ def _dit_spec(
 
 
 def get_dit_layer_local_spec(
-    adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
+    adaln_type: str = "zero",
+    norm: str = "layernorm",
+    qk_norm: bool = False,
+    *,
+    video: str | None = None,
+    cross_attn_gate: bool = False,
 ) -> ModuleSpec:
     """megatron tensor-parallel linears + SDPA core attention (CPU and GPU without TE)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -129,19 +177,27 @@ def get_dit_layer_local_spec(
         adaln_type=adaln_type,
         norm=norm,
         qk_norm=WrappedTorchNorm if qk_norm else None,
+        video=video,
+        cross_attn_gate=cross_attn_gate,
     )
 
 
 def get_dit_layer_te_spec(
-    adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
+    adaln_type: str = "zero",
+    norm: str = "layernorm",
+    qk_norm: bool = False,
+    *,
+    video: str | None = None,
+    cross_attn_gate: bool = False,
 ) -> ModuleSpec:
     """TransformerEngine linears + ``TEDotProductAttention`` (fused attention, FP8, TE CP)."""
     from megatron.core.extensions.transformer_engine import (
         TEColumnParallelLinear,
-        TEDotProductAttention,
         TENorm,
         TERowParallelLinear,
     )
+
+    from lumos_mcore.models.dit.te_attention import TEVideoDotProductAttention
 
     class TEContextColumnParallelLinear(TEColumnParallelLinear):
         """TE twin of :class:`ContextColumnParallelLinear` (replicated condition tokens)."""
@@ -155,20 +211,51 @@ def get_dit_layer_te_spec(
         linear_col=TEColumnParallelLinear,
         linear_row=TERowParallelLinear,
         linear_ctx=TEContextColumnParallelLinear,
-        core_attention=TEDotProductAttention,
+        core_attention=TEVideoDotProductAttention,
         adaln_type=adaln_type,
         norm=norm,
         qk_norm=TENorm if qk_norm else None,
+        video=video,
+        cross_attn_gate=cross_attn_gate,
     )
 
 
-def get_dit_layer_spec(
-    spec: str = "auto", adaln_type: str = "zero", norm: str = "layernorm", qk_norm: bool = False
-) -> ModuleSpec:
-    """Pick the TE spec when TransformerEngine imports (``auto``), else the local spec."""
+def use_te_spec(spec: str = "auto") -> bool:
+    """Whether ``model.spec`` resolves to the TransformerEngine spec on this machine."""
     if spec == "te" and not te_available():
         raise ValueError("model.spec='te': TransformerEngine is not importable on this machine")
-    use_te = spec == "te" or (spec == "auto" and te_available())
+    return spec == "te" or (spec == "auto" and te_available())
+
+
+def get_dit_layer_spec(
+    spec: str = "auto",
+    adaln_type: str = "zero",
+    norm: str = "layernorm",
+    qk_norm: bool = False,
+    *,
+    video: str | None = None,
+    cross_attn_gate: bool = False,
+) -> ModuleSpec:
+    """Pick the TE spec when TransformerEngine imports (``auto``), else the local spec."""
+    use_te = use_te_spec(spec)
     log.info("DiT layer spec: %s", "transformer_engine" if use_te else "local (megatron + SDPA)")
     build = get_dit_layer_te_spec if use_te else get_dit_layer_local_spec
-    return build(adaln_type=adaln_type, norm=norm, qk_norm=qk_norm)
+    return build(
+        adaln_type=adaln_type,
+        norm=norm,
+        qk_norm=qk_norm,
+        video=video,
+        cross_attn_gate=cross_attn_gate,
+    )
+
+
+def get_lumos_layer_spec(model_cfg) -> ModuleSpec:
+    """The layer spec a :class:`~lumos_mcore.config.model.ModelConfig` asks for."""
+    return get_dit_layer_spec(
+        model_cfg.spec,
+        adaln_type=model_cfg.adaln_type,
+        norm=model_cfg.norm,
+        qk_norm=model_cfg.qk_norm,
+        video="spatial_temporal" if model_cfg.temporal_attention else None,
+        cross_attn_gate=model_cfg.cross_attn_gate,
+    )

@@ -1,16 +1,31 @@
-"""LumosDiT: the Lumos image DiT (I2I / T2I) as a megatron-core module.
+"""LumosDiT: the Lumos DiT family (I2I / T2I / NVS images, I2V video) as a megatron-core module.
 
 Data flow (one pipeline stage shown whole)::
 
-    latents [B, C, H, W] --x_embedder + 2-D sin-cos--> [B, N, D] --> [N, B, D] (SP: [N/tp, B, D])
-    timesteps [B] --t_embedder (+ size/aspect)--> t [B, D] --(adaLN-single: t_block)--> c [1, B, *]
-    cond [B, Lc, Cc] --y_embedder (null-token dropout)--> context [Lc, B, D] (replicated on TP/CP)
-    TransformerBlock of DiTLayer (adaLN conditioning c in the block's attention_mask slot)
-    final layer on the local shard --> gather over SP --> unpatchify --> [B, C_out, H, W]
+    latents [B, C, (T,) H, W] --patchify (frame-major)--> tokens [B, S, p*p*C]
+        (training feeds tokens directly: this CP rank's share [B, S/cp, p*p*C], see ``layout``)
+    tokens --x_embedder + sin-cos positions--> [B, s, D] --> [s, B, D] (SP: [s/tp, B, D])
+    timesteps [B] or per frame [B, F] --t_embedder (+ size/aspect)--> t --(t_block)--> c
+        c: [1, B, *] (one row per sample) or [F, B, *] with a per-token row index
+    cond [B, Lc, Cc] --y_embedder (null dropout) (+ camera)--> context [Lc, B, D] (replicated)
+    TransformerBlock of DiTLayer (adaLN rows c in the block's attention_mask slot, the
+        SequenceLayout in packed_seq_params, 3-D RoPE in rotary_pos_emb)
+    final layer on the local shard --> gather over SP --> tokens [B, s, p*p*C_out]
+        (dense API: gather over CP --> unpatchify --> [B, C_out, (T,) H, W])
+
+Token order, sharding and packing are described by a :class:`SequenceLayout`; the same model
+runs an image batch, a video batch or a pack of mixed samples. Variants are config choices
+(``ModelConfig.variant``, ``video_attention``, Flag-DiT options) realised as layer specs
+(``layer_spec.get_lumos_layer_spec``) and a few extra embedders:
+
+* ``i2v``: per-frame timesteps (the clean first frame gets timestep 0), spatial + temporal or
+  full 3-D attention, 3-D sin-cos or 3-D RoPE positions;
+* ``nvs``: the input view's latent is concatenated channel-wise (``in_channels * 2`` patch
+  embedder channels) and the relative camera is embedded and added to the condition tokens.
 
 Pipeline parallelism: the patch embedder lives on the first stage and the final layer on the
-last; the timestep / condition embedders are tiny and are *replicated on every stage* (each stage
-needs ``c`` and ``context``). Their params carry ``pipeline_parallel=True`` and
+last; the timestep / condition / camera embedders are tiny and are *replicated on every stage*
+(each stage needs ``c`` and ``context``). Their params carry ``pipeline_parallel=True`` and
 ``config.has_cond_embedder`` is set, so megatron's ``finalize_model_grads`` all-reduces their
 grads over the pipeline group and the replicas never drift.
 """
@@ -33,16 +48,23 @@ from torch import Tensor, nn
 
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.models.common.embeddings import (
+    CameraEmbedder,
     ConditionEmbedder,
     FinalLayer,
     PatchEmbed,
     SizeEmbedder,
     TimestepEmbedder,
-    get_2d_sincos_pos_embed,
+    get_1d_sincos_pos_embed,
+    patchify,
+    patchify_video,
+    sincos_pos_embed_from_coords,
     unpatchify,
+    unpatchify_video,
 )
+from lumos_mcore.models.common.rope import rope_freqs
 from lumos_mcore.models.dit.layer import mark_sequence_parallel
-from lumos_mcore.models.dit.layer_spec import get_dit_layer_spec
+from lumos_mcore.models.dit.layer_spec import get_lumos_layer_spec, use_te_spec
+from lumos_mcore.models.dit.layout import Segment, SequenceLayout
 
 
 def build_transformer_config(
@@ -54,12 +76,14 @@ def build_transformer_config(
     vpp: int | None = None,
     sequence_parallel: bool = False,
     bf16: bool = False,
+    cp_comm_type: str | None = None,
     **overrides,
 ) -> TransformerConfig:
     """megatron ``TransformerConfig`` for a Lumos DiT; only fields a DiT uses are set.
 
     Weights are initialised on CPU from the full (unsharded) matrices with Xavier-uniform, as
     the released code does, so a model's initial weights do not depend on the TP layout.
+    ``cp_comm_type`` (``parallel.cp_comm_type``) selects TransformerEngine's CP algorithm.
     """
     dtype = torch.bfloat16 if bf16 else torch.float32
     recompute = {}
@@ -98,6 +122,12 @@ def build_transformer_config(
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
+        # Flag-DiT QK-norm: megatron's per-head q/k norms (their grads are summed over TP).
+        qk_layernorm=cfg.qk_norm,
+        normalization="RMSNorm" if cfg.norm == "rmsnorm" else "LayerNorm",
+        cp_comm_type=cp_comm_type if cp > 1 else None,
+        # 3-D RoPE rotates adjacent channel pairs (models.common.rope).
+        rotary_interleaved=cfg.pos_embed == "rope",
         **recompute,
         **overrides,
     )
@@ -111,7 +141,10 @@ def _gelu_tanh(x: Tensor) -> Tensor:
 
 
 class LumosDiT(MegatronModule):
-    """Lumos DiT for images (I2I: DINO condition, T2I: T5 condition) on megatron-core."""
+    """Lumos DiT (I2I, T2I, NVS, I2V) on megatron-core; see the module docstring."""
+
+    # Sequences split over context-parallel ranks (SequenceLayout); read by the benchmarks.
+    supports_context_parallel = True
 
     def __init__(
         self,
@@ -134,6 +167,10 @@ class LumosDiT(MegatronModule):
         self.patch_size = p
         self.out_channels = model_cfg.out_channels
         self.pos_base_size = model_cfg.latent_size // p
+        te = use_te_spec(model_cfg.spec) if spec is None else False
+        self.cp_mode = model_cfg.cp_layout
+        if self.cp_mode == "auto":
+            self.cp_mode = "zigzag" if te else "contiguous"
 
         # Embedders replicated on every pipeline stage.
         self.t_embedder = TimestepEmbedder(d)
@@ -149,6 +186,9 @@ class LumosDiT(MegatronModule):
             self.ar_embedder = SizeEmbedder(d // 3)
             replicated += [self.csize_embedder, self.ar_embedder]
             sp_partial += [self.csize_embedder, self.ar_embedder]
+        if model_cfg.variant == "nvs":
+            self.camera_embedder = CameraEmbedder(model_cfg.camera_dim, d)
+            replicated.append(self.camera_embedder)  # feeds the (replicated) context
         if model_cfg.adaln_type == "single":
             self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
             nn.init.normal_(self.t_block[1].weight, std=0.02)
@@ -157,11 +197,11 @@ class LumosDiT(MegatronModule):
             sp_partial.append(self.t_block)
 
         if pre_process:
-            self.x_embedder = PatchEmbed(p, model_cfg.in_channels, d)
+            self.x_embedder = PatchEmbed(p, model_cfg.model_in_channels, d)
             self.x_embedder.initialize_weights()
         self.decoder = TransformerBlock(
             config=config,
-            spec=spec or get_dit_layer_spec(model_cfg.spec, adaln_type=model_cfg.adaln_type),
+            spec=spec or get_lumos_layer_spec(model_cfg),
             post_layer_norm=False,
             pre_process=pre_process,
             post_process=post_process,
@@ -180,7 +220,7 @@ class LumosDiT(MegatronModule):
         for module in sp_partial:
             mark_sequence_parallel(module, config)
         self.to(config.params_dtype)
-        self._pos_cache: dict[tuple[int, int], Tensor] = {}
+        self._pos_cache: dict[tuple, Tensor] = {}
 
     # -- pipeline plumbing ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
@@ -204,59 +244,304 @@ class LumosDiT(MegatronModule):
                     sh.replica_id = (stage, *rid[1:]) if len(rid) > 1 else (stage,)
         return sharded
 
+    # -- layouts ----------------------------------------------------------------------------
+    def make_layout(
+        self,
+        shape: tuple[int, int, int] | None = None,
+        *,
+        packed_shapes: list[tuple[int, int, int]] | None = None,
+        cond_lens: list[int] | None = None,
+        pad_to: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> SequenceLayout:
+        """The layout of a micro-batch on this rank (CP share, SP slice) from the parallel state.
+
+        ``shape = (frames, h, w)`` in tokens for an unpacked batch; ``packed_shapes`` (and the
+        samples' ``cond_lens``) for a pack, padded to split evenly over the CP x SP ranks (and
+        to ``pad_to`` tokens when given).
+        """
+        cp_size = cp_rank = sp_rank = 0
+        if parallel_state.model_parallel_is_initialized():
+            cp_size = parallel_state.get_context_parallel_world_size()
+            cp_rank = parallel_state.get_context_parallel_rank()
+            sp_rank = parallel_state.get_tensor_model_parallel_rank()
+        cp_size = max(cp_size, 1)
+        sp_size = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        sp_rank = sp_rank if sp_size > 1 else 0
+        kw = dict(
+            cp_size=cp_size, cp_rank=cp_rank, cp_mode=self.cp_mode, sp_size=sp_size, sp_rank=sp_rank
+        )
+        if packed_shapes is not None:
+            lens = cond_lens if cond_lens is not None else [0] * len(packed_shapes)
+            layout = SequenceLayout.for_pack(packed_shapes, lens, pad_to=pad_to, **kw)
+        else:
+            layout = SequenceLayout([Segment(*shape)], **kw)
+        return layout.to(device) if device is not None else layout
+
     # -- helpers ----------------------------------------------------------------------------
-    def pos_embed(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Fixed 2-D sin-cos positions for an ``h x w`` token grid, ``[h*w, D]`` (cached)."""
-        key = (h, w)
+    def _cached(self, key: tuple, build) -> Tensor:
         if key not in self._pos_cache:
-            self._pos_cache[key] = get_2d_sincos_pos_embed(
-                self.config.hidden_size,
-                (h, w),
-                base_size=self.pos_base_size,
-                interpolation_scale=self.model_cfg.pos_interpolation_scale,
-            ).float()
-        return self._pos_cache[key].to(device=device, dtype=dtype)
+            if len(self._pos_cache) > 64:  # layouts vary with packing: keep the cache small
+                self._pos_cache.clear()
+            self._pos_cache[key] = build()
+        return self._pos_cache[key]
+
+    def sincos_positions(self, layout: SequenceLayout) -> Tensor:
+        """Additive sin-cos positions of the CP-local tokens ``[s, D]`` (float32).
+
+        Images and the spatial + temporal video mode use the 2-D table of each frame (so a video
+        model starts from the image model per frame); full 3-D attention uses the 3-D table.
+        """
+        video3d = self.model_cfg.is_video and not self.model_cfg.temporal_attention
+
+        def build() -> Tensor:
+            d, cfg = self.config.hidden_size, self.model_cfg
+            rows = []
+            for p in layout.pieces:
+                seg = layout.segments[p.segment]
+                coords = layout.local_coords[p.local : p.local + p.size].cpu()
+                rows.append(
+                    sincos_pos_embed_from_coords(
+                        d,
+                        coords,
+                        (seg.height, seg.width),
+                        base_size=self.pos_base_size,
+                        interpolation_scale=cfg.pos_interpolation_scale,
+                        video=video3d,
+                    )
+                )
+            return torch.cat(rows).float().to(layout.device)
+
+        return self._cached(("sincos", video3d, *layout.key()), build)
+
+    def temporal_positions(self, layout: SequenceLayout) -> Tensor:
+        """1-D sin-cos of each SP-local token's frame index ``[s_sp, 1, D]`` (temporal attention
+        input in the spatial + temporal mode with sin-cos positions)."""
+
+        def build() -> Tensor:
+            frames = layout.sp_slice(layout.local_coords[:, 0]).cpu()
+            table = get_1d_sincos_pos_embed(self.config.hidden_size, frames)
+            return table.float()[:, None].to(layout.device)
+
+        return self._cached(("temporal", *layout.key()), build)
+
+    def rope(self, layout: SequenceLayout) -> Tensor:
+        """3-D RoPE angles of the CP-local tokens ``[s, 1, 1, hn]`` (megatron's layout)."""
+
+        def build() -> Tensor:
+            cfg = self.model_cfg
+            freqs = rope_freqs(
+                layout.local_coords.cpu(),
+                self.config.kv_channels,
+                theta=cfg.rope_theta,
+                ntk_factor=cfg.rope_ntk_factor,
+            )
+            return freqs[:, None, None].to(layout.device)
+
+        return self._cached(("rope", *layout.key()), build)
 
     def condition(
         self,
         timesteps: Tensor,
-        cond: Tensor,
-        cond_mask: Tensor | None = None,
-        force_drop_ids: Tensor | None = None,
+        layout: SequenceLayout,
         resolution: Tensor | None = None,
         aspect_ratio: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """Timestep + condition embeddings: ``(t [B, D], c [1, B, D|6D], context, ctx_mask)``."""
-        dtype = self.config.params_dtype
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Timestep embeddings: ``(t_final, c, adaln_index)``.
+
+        ``timesteps [B]``: ``c [1, B, D|6D]``, ``t_final [B, D]``, no index. ``timesteps [B, F]``
+        (one per frame of the layout, e.g. frame 0 of an I2V sample at 0; every frame of a
+        pack): ``c [F, B, D|6D]`` rows, ``t_final [B, s_sp, D]`` and the SP-local token -> row
+        index ``[s_sp]``.
+        """
         b = timesteps.shape[0]
-        t = self.t_embedder(timesteps.float())  # [B, D]
+        per_frame = timesteps.ndim == 2
+        if per_frame and timesteps.shape[1] != layout.num_frames:
+            raise ValueError(
+                f"per-frame timesteps have {timesteps.shape[1]} frames; the sequence has "
+                f"{layout.num_frames}"
+            )
+        t = self.t_embedder(timesteps.float())  # [B, D] or [B, F, D]
         if self.model_cfg.use_size_conditioning:
             if resolution is None or aspect_ratio is None:
                 raise ValueError(
                     "model.use_size_conditioning=True: pass resolution [B, 2] and aspect_ratio "
-                    "[B, 1] with every batch"
+                    "[B, 1] with every batch (one row per sample of a pack)"
                 )
+            n = layout.num_real_segments if layout.packed else b
             size = torch.cat(
                 [
-                    self.csize_embedder(resolution.float(), b),
-                    self.ar_embedder(aspect_ratio.float(), b),
+                    self.csize_embedder(resolution.float(), n),
+                    self.ar_embedder(aspect_ratio.float(), n),
                 ],
                 dim=1,
-            )  # [B, D]
-            t = t + size.to(t.dtype)  # [B, D]
-        c = self.t_block(t) if self.model_cfg.adaln_type == "single" else t  # [B, D|6D]
-        # Dropout decisions come from the caller (identical on all ranks of a model replica).
-        context = self.y_embedder(cond.to(dtype), train=False, force_drop_ids=force_drop_ids)
+            ).to(t.dtype)  # [n, D]
+            if layout.packed:  # per segment -> per frame (pad segments get none)
+                frames = torch.tensor(
+                    [s.frames for s in layout.segments[: layout.num_real_segments]],
+                    device=size.device,
+                )
+                size = size.repeat_interleave(frames, dim=0)  # [F_real, D]
+                size = F.pad(size, (0, 0, 0, layout.num_frames - size.shape[0]))[None]
+                t = t + size  # [1, F, D]
+            else:
+                t = t + (size[:, None] if per_frame else size)  # [B, (F,) D]
+        c = self.t_block(t) if self.model_cfg.adaln_type == "single" else t  # [B, (F,) D|6D]
+        if not per_frame:
+            return t, c[None], None  # c: [1, B, D|6D]
+        index = layout.sp_slice(layout.local_frame)  # [s_sp]
+        return t[:, index], c.transpose(0, 1).contiguous(), index
+
+    def context(
+        self,
+        cond: Tensor,
+        layout: SequenceLayout,
+        cond_mask: Tensor | None = None,
+        force_drop_ids: Tensor | None = None,
+        camera: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Condition tokens: ``(context [Lc, B, D], context_mask [B, 1, 1, Lc] | None,
+        context_valid [Lc_total] | None)``; a pack's tokens are its samples' concatenated."""
+        dtype = self.config.params_dtype
+        cond = cond.to(dtype)
+        if layout.packed:
+            if cond.shape[:2] != (1, layout.cond_total):
+                raise ValueError(
+                    f"packed cond must be [1, {layout.cond_total}, Cc] (the samples' condition "
+                    f"tokens concatenated), got {tuple(cond.shape)}"
+                )
+            if force_drop_ids is not None:
+                cond = self._drop_packed(cond, layout, force_drop_ids.bool())
+            context = self.y_embedder.y_proj(cond)  # [1, Lc_total, D]
+        else:
+            # Dropout decisions come from the caller (identical on all ranks of a replica).
+            context = self.y_embedder(cond, train=False, force_drop_ids=force_drop_ids)
+        if camera is not None:
+            cam = self.camera_embedder(camera)  # [n, D]
+            if layout.packed:
+                lens = torch.tensor(
+                    [s.cond_len for s in layout.segments[: cam.shape[0]]], device=cam.device
+                )
+                cam = cam.repeat_interleave(lens, dim=0)[None]  # [1, Lc_total, D]
+            else:
+                cam = cam[:, None]  # [B, 1, D]
+            context = context + cam.to(context.dtype)
+        elif self.model_cfg.variant == "nvs":
+            raise ValueError("model.variant='nvs': pass camera [B, 12] (R flattened, then T)")
         context = context.transpose(0, 1).contiguous()  # [Lc, B, D]
+        if layout.packed:
+            valid = None if cond_mask is None else cond_mask.reshape(-1).bool()
+            return context, None, valid
         context_mask = None
         if cond_mask is not None:
             context_mask = ~cond_mask.bool()[:, None, None, :]  # [B, 1, 1, Lc], True = masked
-        return t, c[None], context, context_mask  # c: [1, B, D|6D]
+        return context, context_mask, None
+
+    def _drop_packed(self, cond: Tensor, layout: SequenceLayout, drop: Tensor) -> Tensor:
+        """Swap the condition tokens of dropped pack samples for the first ``cond_len`` tokens
+        of the learned null condition."""
+        null = self.y_embedder.y_embedding.to(cond.dtype)  # [cond_tokens, Cc]
+        rows, flags = [], []
+        for i, seg in enumerate(layout.segments[: drop.shape[0]]):
+            if seg.cond_len > null.shape[0]:
+                raise ValueError(
+                    f"pack sample {i} has {seg.cond_len} condition tokens; the null condition "
+                    f"has model.cond_tokens={null.shape[0]}"
+                )
+            rows.append(null[: seg.cond_len])
+            flags.append(drop[i].expand(seg.cond_len))
+        null_cat = torch.cat(rows)  # [Lc_real, Cc]
+        flag = torch.cat(flags).to(cond.device)  # [Lc_real]
+        n = null_cat.shape[0]
+        head = torch.where(flag[:, None], null_cat, cond[0, :n])
+        return torch.cat([head, cond[0, n:]])[None]  # [1, Lc_total, Cc]
 
     # -- forward ----------------------------------------------------------------------------
     def forward(
         self,
-        latents: Tensor,
+        latents: Tensor | None = None,
+        timesteps: Tensor | None = None,
+        cond: Tensor | None = None,
+        cond_mask: Tensor | None = None,
+        *,
+        force_drop_ids: Tensor | None = None,
+        resolution: Tensor | None = None,
+        aspect_ratio: Tensor | None = None,
+        camera: Tensor | None = None,
+        input_latent: Tensor | None = None,
+        tokens: Tensor | None = None,
+        layout: SequenceLayout | None = None,
+    ) -> Tensor:
+        """Dense API (``latents``) or token API (``tokens`` + ``layout``).
+
+        Dense: ``latents [B, C, H, W]`` (or ``[B, C, T, H, W]`` for I2V) at ``timesteps [B]``
+        (or per frame ``[B, T]``); NVS also takes ``input_latent`` (the input view, same shape)
+        and ``camera [B, 12]``. Returns ``[B, C_out, (T,) H, W]`` on the last pipeline stage
+        (gathered over CP), the stage's hidden states ``[s, B, D]`` elsewhere.
+
+        Tokens: ``tokens [B, s, p*p*C_in]`` are this CP rank's share of ``layout`` (``None`` on
+        non-first stages); returns the share's prediction ``[B, s, p*p*C_out]``.
+
+        ``cond [B, Lc, Cc]`` are the condition tokens (``cond_mask [B, Lc]``, True = real
+        token); ``force_drop_ids [B]`` swaps a sample's condition for the learned null one.
+        """
+        if layout is not None:
+            return self.forward_tokens(
+                tokens,
+                layout,
+                timesteps,
+                cond,
+                cond_mask,
+                force_drop_ids=force_drop_ids,
+                resolution=resolution,
+                aspect_ratio=aspect_ratio,
+                camera=camera,
+            )
+        if self.model_cfg.variant == "nvs":
+            if input_latent is None:
+                raise ValueError("model.variant='nvs': pass input_latent (the input view)")
+            latents = torch.cat([latents, input_latent.to(latents.dtype)], dim=1)
+        p = self.patch_size
+        video = latents.ndim == 5
+        frames = latents.shape[2] if video else 1
+        h, w = latents.shape[-2] // p, latents.shape[-1] // p
+        layout = self.make_layout((frames, h, w), device=latents.device)
+        tokens = None
+        if self.pre_process:
+            tokens = patchify_video(latents, p) if video else patchify(latents, p)  # [B, S, F]
+            tokens = layout.shard(tokens, dim=1)  # [B, S/cp, F]
+        out = self.forward_tokens(
+            tokens,
+            layout,
+            timesteps,
+            cond,
+            cond_mask,
+            force_drop_ids=force_drop_ids,
+            resolution=resolution,
+            aspect_ratio=aspect_ratio,
+            camera=camera,
+        )
+        if not self.post_process:
+            return out
+        if layout.cp_size > 1:
+            # Every CP rank returns the whole prediction; its gradient reaches each rank's
+            # own tokens (the backward of the gather keeps the local part).
+            full = gather_from_sequence_parallel_region(
+                out.transpose(0, 1).contiguous(),
+                tensor_parallel_output_grad=False,
+                group=parallel_state.get_context_parallel_group(),
+            )  # [S, B, F] in rank order
+            if layout.kv_order is not None:
+                full = full.index_select(0, layout.kv_order)
+            out = full.transpose(0, 1)  # [B, S, F]
+        if video:
+            return unpatchify_video(out, p, frames, h, w, self.out_channels)  # [B, C, T, H, W]
+        return unpatchify(out, p, h, w, self.out_channels)  # [B, C_out, H, W]
+
+    def forward_tokens(
+        self,
+        tokens: Tensor | None,
+        layout: SequenceLayout,
         timesteps: Tensor,
         cond: Tensor,
         cond_mask: Tensor | None = None,
@@ -264,42 +549,57 @@ class LumosDiT(MegatronModule):
         force_drop_ids: Tensor | None = None,
         resolution: Tensor | None = None,
         aspect_ratio: Tensor | None = None,
+        camera: Tensor | None = None,
     ) -> Tensor:
-        """Predict noise (+ variance) for ``latents [B, C, H, W]`` at ``timesteps [B]``.
-
-        ``cond [B, Lc, Cc]`` are the condition tokens (``cond_mask [B, Lc]``, True = real
-        token); ``force_drop_ids [B]`` swaps a sample's condition for the learned null one.
-        Returns ``[B, C_out, H, W]`` on the last pipeline stage, the stage's hidden states
-        ``[s, B, D]`` elsewhere.
-        """
-        b, _, hh, ww = latents.shape
-        h, w = hh // self.patch_size, ww // self.patch_size
-        t, c, context, context_mask = self.condition(
-            timesteps, cond, cond_mask, force_drop_ids, resolution, aspect_ratio
+        """The model on this rank's tokens of ``layout`` (see :meth:`forward`)."""
+        device = timesteps.device
+        if layout.device != device:
+            layout = layout.to(device)
+        t_final, c, index = self.condition(timesteps, layout, resolution, aspect_ratio)
+        context, context_mask, context_valid = self.context(
+            cond, layout, cond_mask, force_drop_ids, camera
         )
+        cfg = self.model_cfg
+        temporal_pos = None
+        if cfg.temporal_attention and cfg.pos_embed == "sincos":
+            temporal_pos = self.temporal_positions(layout)  # [s_sp, 1, D]
+        bound = layout.bind(
+            adaln_index=index, temporal_pos=temporal_pos, context_valid=context_valid
+        )
+        rope = self.rope(layout) if cfg.pos_embed == "rope" else None  # [s, 1, 1, hn]
+
         x = None
         if self.pre_process:
-            dtype = self.config.params_dtype
-            x = self.x_embedder(latents.to(dtype))  # [B, N, D]
-            x = x + self.pos_embed(h, w, x.device, x.dtype)  # [B, N, D]
-            x = x.transpose(0, 1).contiguous()  # [N, B, D]
+            if tokens.shape[1] != layout.local_tokens:
+                raise ValueError(
+                    f"got {tokens.shape[1]} tokens; this rank's share of {layout} is "
+                    f"{layout.local_tokens}"
+                )
+            x = self.x_embedder.forward_tokens(tokens.to(self.config.params_dtype))  # [B, s, D]
+            if cfg.pos_embed == "sincos":
+                x = x + self.sincos_positions(layout).to(x.dtype)  # [B, s, D]
+            x = x.transpose(0, 1).contiguous()  # [s, B, D]
             if self.config.sequence_parallel:
-                x = scatter_to_sequence_parallel_region(x)  # [N/tp, B, D]
+                x = scatter_to_sequence_parallel_region(x)  # [s/tp, B, D]
 
         x = self.decoder(
-            hidden_states=x, attention_mask=c, context=context, context_mask=context_mask
-        )  # [s, B, D]
+            hidden_states=x,
+            attention_mask=c,
+            context=context,
+            context_mask=context_mask,
+            rotary_pos_emb=rope,
+            packed_seq_params=bound,
+        )  # [s(/tp), B, D]
         if not self.post_process:
             return x
 
-        out = self.final_layer(x.transpose(0, 1), t)  # [B, s, p*p*C_out]
-        out = out.transpose(0, 1).contiguous()  # [s, B, p*p*C_out]
+        out = self.final_layer(x.transpose(0, 1), t_final)  # [B, s(/tp), p*p*C_out]
+        out = out.transpose(0, 1).contiguous()  # [s(/tp), B, p*p*C_out]
         if self.config.sequence_parallel:
             # The final layer ran on the local shard; every TP rank needs the whole prediction,
             # and its gradient w.r.t. the gathered output is identical on all TP ranks.
             out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
-        out = out.transpose(0, 1)  # [B, N, p*p*C_out]
-        return unpatchify(out, self.patch_size, h, w, self.out_channels)  # [B, C_out, H, W]
+        return out.transpose(0, 1)  # [B, s, p*p*C_out]
 
 
 def is_pipeline_first(vp_stage: int | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""Map between one rank's sharded LumosDiT parameters and the full (single-process) model.
+"""Map between one rank's sharded LumosDiT parameters and the full (single-process) model, and
+initialise a video / NVS model from image (I2I) weights.
 
 A rank holds a pipeline stage's layers (local indices 0..k-1, global ``offset + i``) and, for
 tensor-parallel weights, one slice along ``partition_dim``. megatron's fused QKV / KV weights are
@@ -84,3 +85,47 @@ def assemble(shards_per_rank: list[dict[str, tuple]]) -> dict[str, Tensor]:
         parts = [by_rank[r][0] for r in sorted(by_rank)]
         full[name] = parts[0] if dim is None else torch.cat(parts, dim=dim)
     return full
+
+
+# Parameters an image (I2I / T2I) checkpoint does not have: they keep their initialisation,
+# which makes the new parts start as no-ops (zeroed temporal output projection, zeroed camera
+# output layer).
+NEW_IN_VIDEO = ("temporal_attention.", "temporal_norm.", "camera_embedder.")
+
+
+@torch.no_grad()
+def load_image_weights(model: nn.Module, image_state: dict[str, Tensor]) -> list[str]:
+    """Load a full image-model state dict (I2I) into an I2V or NVS ``LumosDiT`` on this rank.
+
+    Every parameter the image model has is copied (TP-sharded as needed); the temporal attention
+    of the spatial + temporal video blocks and the NVS camera embedder keep their
+    initialisation (zero output), and the NVS patch embedder takes the image weights for the
+    noisy-latent channels with zeros for the concatenated input-view channels. At this point
+    the I2V model applied to a video equals the I2I model applied to each frame, and the NVS
+    model equals the I2I model on the noisy view. Returns the parameters left at their init.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    kept, missing = [], []
+    for name, param in model.named_parameters():
+        key = global_name(model, name)
+        if key not in image_state:
+            (kept if any(k in key for k in NEW_IN_VIDEO) else missing).append(key)
+            continue
+        full = image_state[key]
+        if key == "x_embedder.proj.weight" and full.shape[1] < param.shape[1]:
+            # NVS: [D, C, p, p] image kernel -> [D, 2C, p, p] with zero input-view channels.
+            full = torch.cat(
+                [
+                    full,
+                    full.new_zeros(full.shape[0], param.shape[1] - full.shape[1], *full.shape[2:]),
+                ],
+                1,
+            )
+        param.copy_(shard_for_rank(full, param, tp_rank, tp_size))
+    if missing:
+        raise KeyError(
+            f"image state dict lacks {len(missing)} parameters the model needs, e.g. "
+            f"{missing[:5]}; only {', '.join(NEW_IN_VIDEO)} may be new"
+        )
+    return kept

@@ -1,0 +1,194 @@
+"""TransformerEngine core attention for the DiT's token patterns (TE spec only; needs CUDA).
+
+``TEVideoDotProductAttention`` is megatron's ``TEDotProductAttention`` (fused / flash attention,
+FP8, TE context parallelism with ``cp_comm_type`` p2p | all_gather | a2a | a2a+p2p) that also
+understands the :class:`SequenceLayout` the DiT passes as ``packed_seq_params``:
+
+* ``full`` self-attention: an unpacked batch goes to TE as ``sbhd`` (bidirectional, so TE's CP
+  needs no particular token order); a pack goes as ``thd`` with the samples' global
+  ``cu_seqlens`` — TE then expects each sample split over the CP ranks in its zig-zag layout,
+  which is why ``model.cp_layout: auto`` picks ``zigzag`` for this spec;
+* ``spatial`` (per-frame) self-attention: every rank holds whole frames, so frames become the
+  batch dimension (``[h*w, frames*b]``) and TE runs *without* CP;
+* ``temporal`` self-attention: spatial positions become the batch dimension
+  (``[frames_local, h*w*b]``) and TE's CP gathers the other ranks' frames;
+* cross-attention: condition tokens are replicated on every CP rank, so TE runs without CP; a
+  pack goes as ``thd`` with query / condition ``cu_seqlens`` per sample.
+
+Requirements (checked): spatial/temporal need an unpacked batch whose CP shards hold whole
+frames (``frames % (2 cp) == 0`` in the zig-zag layout). This module is imported only by the TE
+spec and is exercised on GPU machines; the CPU test-suite covers the same layouts through the
+SDPA core attention.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from megatron.core.extensions.transformer_engine import TEDotProductAttention
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor, nn
+
+from lumos_mcore.models.dit.attention import PATTERNS
+from lumos_mcore.models.dit.layout import SequenceLayout
+
+__all__ = ["TEVideoDotProductAttention"]
+
+
+class TEVideoDotProductAttention(TEDotProductAttention):
+    """``TEDotProductAttention`` with the DiT token patterns and tanh-gated heads (module docs)."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = "p2p",
+        pg_collection=None,
+        pattern: str = "full",
+        gated: bool = False,
+        **kwargs,
+    ) -> None:
+        if pattern not in PATTERNS:
+            raise ValueError(f"attention pattern {pattern!r}: choose one of {', '.join(PATTERNS)}")
+        self.pattern = pattern
+        self.dit_attention_type = attention_type
+        self.uses_cp = config.context_parallel_size > 1
+        if self.uses_cp and (pattern == "spatial" or attention_type == "cross"):
+            # Frames (spatial) and condition tokens (cross) are local to every CP rank.
+            config = copy.copy(config)
+            config.context_parallel_size = 1
+            self.uses_cp = False
+        super().__init__(
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type=attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+            **kwargs,
+        )
+        self.gate = None
+        if gated:
+            heads = config.num_attention_heads // config.tensor_model_parallel_size
+            self.gate = nn.Parameter(torch.zeros(heads, dtype=config.params_dtype))
+            set_tensor_model_parallel_attributes(self.gate, True, 0, 1)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> Tensor:
+        layout = packed_seq_params if isinstance(packed_seq_params, SequenceLayout) else None
+        sq, b, np_, hn = query.shape
+        if layout is None:
+            out = super().forward(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+                **kwargs,
+            )
+        elif self.dit_attention_type == "cross":
+            out = self._cross(query, key, value, attention_mask, layout)
+        elif self.pattern == "full":
+            out = self._full(query, key, value, layout)
+        else:
+            out = self._factorised(query, key, value, layout)
+        if self.gate is not None:
+            out = out.view(sq, b, np_, hn) * torch.tanh(self.gate).to(out.dtype)[:, None]
+        return out.reshape(sq, b, np_ * hn)  # [sq, b, np*hn]
+
+    def _full(self, q: Tensor, k: Tensor, v: Tensor, layout: SequenceLayout) -> Tensor:
+        if not layout.packed:
+            return super().forward(q, k, v, None, AttnMaskType.no_mask)  # [s, b, np*hn]
+        psp = layout.te_packed_seq_params()
+        out = super().forward(
+            q.squeeze(1),
+            k.squeeze(1),
+            v.squeeze(1),
+            None,
+            AttnMaskType.no_mask,
+            packed_seq_params=psp,
+        )  # [t, np*hn]
+        return out.reshape(q.shape[0], 1, -1)
+
+    def _factorised(self, q: Tensor, k: Tensor, v: Tensor, layout: SequenceLayout) -> Tensor:
+        if layout.packed or not layout.local_only("spatial"):
+            raise NotImplementedError(
+                "spatial/temporal attention on TransformerEngine needs an unpacked batch whose "
+                "context-parallel shards hold whole frames; use model.video_attention="
+                "'full_3d' for packs or the local spec"
+            )
+        seg = layout.segments[0]
+        hw = seg.frame_tokens
+        s, b, np_, hn = q.shape
+        f = s // hw
+        if self.pattern == "spatial":  # frames into the batch: [hw, F*b, heads, hn]
+
+            def fold(x: Tensor) -> Tensor:
+                return (
+                    x.reshape(f, hw, b, *x.shape[2:])
+                    .transpose(0, 1)
+                    .reshape(hw, f * b, *x.shape[2:])
+                )
+
+            out = super().forward(fold(q), fold(k), fold(v), None, AttnMaskType.no_mask)
+            out = out.reshape(hw, f, b, -1).transpose(0, 1)  # [F, hw, b, np*hn]
+            return out.reshape(s, b, -1)
+        # temporal: positions into the batch, frames are the (CP-split) sequence: [F, hw*b, ...]
+        out = super().forward(
+            q.reshape(f, hw * b, np_, hn),
+            k.reshape(f, hw * b, *k.shape[2:]),
+            v.reshape(f, hw * b, *v.shape[2:]),
+            None,
+            AttnMaskType.no_mask,
+        )  # [F, hw*b, np*hn]
+        return out.reshape(s, b, -1)
+
+    def _cross(self, q, k, v, attention_mask, layout: SequenceLayout) -> Tensor:
+        if not layout.packed:
+            return super().forward(q, k, v, attention_mask, AttnMaskType.padding)
+        if layout.context_valid is not None and not bool(layout.context_valid.all()):
+            raise NotImplementedError(
+                "packed cross-attention on TransformerEngine takes unpadded condition tokens"
+            )
+        # Local queries grouped per sample (both layouts keep a sample's tokens together).
+        counts = [0] * len(layout.segments)
+        for p in layout.pieces:
+            counts[p.segment] += p.size
+        cu_q = torch.tensor([0] + counts, device=q.device).cumsum(0).to(torch.int32)
+        cu_kv = torch.tensor(layout.cond_offsets, dtype=torch.int32, device=q.device)
+        psp = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_q,
+            cu_seqlens_kv=cu_kv,
+            max_seqlen_q=max(counts),
+            max_seqlen_kv=max(s.cond_len for s in layout.segments),
+        )
+        out = super().forward(
+            q.squeeze(1),
+            k.squeeze(1),
+            v.squeeze(1),
+            None,
+            AttnMaskType.padding,
+            packed_seq_params=psp,
+        )  # [t, np*hn]
+        return out.reshape(q.shape[0], 1, -1)
