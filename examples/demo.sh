@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, write the synthetic feature shards, and train a
-# small Lumos-I2I model with a real parallel split (TP=2 on 2 CPU processes, or one process per
-# GPU when CUDA is present). Extra arguments are passed on as config overrides (key=value).
+# The main job on a fresh machine: set up .venv, write synthetic raw media (JPEG shards of moving
+# shapes) and tiny frozen encoders, then train a small Lumos-I2I model from the raw images —
+# DALI decodes them (CPU here, GPU on clusters), the frozen VAE + DINO encode them online — with
+# a real parallel split (TP=2 on 2 CPU processes, or one process per GPU when CUDA is present).
+# Extra arguments are passed on as config overrides (key=value).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 source tools/setup_env.sh
 
-DATA=data/synthetic_i2i
-if [ ! -f "$DATA/index.json" ]; then
-  python tools/make_synthetic_shards.py --out "$DATA" --num-samples 512 --latent-size 16 \
-    --latent-channels 4 --cond-tokens 1 --cond-dim 768 --samples-per-shard 128 --seed 0
+DATA=data/synthetic_media
+if [ ! -f "$DATA/index.json" ] || [ ! -d data/tiny_encoders/vae ]; then
+  python tools/make_synthetic_media.py --out "$DATA" --num-images 256 --num-videos 0 \
+    --sizes 128x128 --seed 0 --tiny-encoders data/tiny_encoders --overwrite
 fi
 
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -21,5 +23,5 @@ else
   export OMP_NUM_THREADS=1  # one thread per rank: the machine has 2 cores
 fi
 torchrun --standalone --nproc-per-node "$NPROC" -m lumos_mcore.train \
-  --config examples/recipes/demo_tiny_i2i.yaml "data.path=$DATA" "$@"
-echo "[demo] checkpoints: runs/demo_tiny_i2i/checkpoints   TensorBoard: tensorboard --logdir runs/demo_tiny_i2i/tensorboard"
+  --config examples/recipes/demo_tiny_media_i2i.yaml "media.path=$DATA" "$@"
+echo "[demo] checkpoints: runs/demo_tiny_media_i2i/checkpoints   TensorBoard: tensorboard --logdir runs/demo_tiny_media_i2i/tensorboard"

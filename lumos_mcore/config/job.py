@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.diffusion import DiffusionConfig
+from lumos_mcore.config.media import MediaDataConfig
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
@@ -15,7 +16,8 @@ from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
 class JobConfig:
     """Everything a training run needs; loaded from YAML + ``key=value`` overrides."""
 
-    data: DataConfig | None = None
+    data: DataConfig | None = None  # precomputed features (latents + condition tokens)
+    media: MediaDataConfig | None = None  # raw images / videos, encoded online
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -24,11 +26,14 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
-        if self.data is None:
+        if (self.data is None) == (self.media is None):
             raise ValueError(
-                "data.path: required (a folder with index.json; make one with "
-                "tools/make_synthetic_shards.py)"
+                "data.path / media.path: give exactly one — data.path for precomputed feature "
+                "shards (tools/make_synthetic_shards.py, tools/encode_features.py) or media.path "
+                "for raw image/video shards encoded online (tools/make_media_shards.py)"
             )
+        if self.media is not None:
+            self.media.encoders.check_complete()
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but "

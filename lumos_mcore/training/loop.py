@@ -19,6 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from lumos_mcore.config.job import JobConfig
 from lumos_mcore.config.loader import config_to_dict, save_config
 from lumos_mcore.data.features import FeatureDataset
+from lumos_mcore.data.media.stall import StallTimer
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
 from lumos_mcore.parallel.state import init_distributed, initialize_parallel
@@ -59,6 +60,31 @@ class _StopFlag:
         return bool(flag.item() > 0)
 
 
+def _replica_group(dp_rank: int):
+    """Process group of the ranks that read the same samples (TP x PP x CP of one replica)."""
+    ranks_dp = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks_dp, dp_rank)
+    mine = None
+    for value in sorted(set(ranks_dp)):  # every rank creates every group, in the same order
+        group = dist.new_group([r for r, d in enumerate(ranks_dp) if d == value])
+        if value == dp_rank:
+            mine = group
+    return mine
+
+
+def _check_encoders_fit_model(encoders, job: JobConfig) -> None:
+    m = job.model
+    for what, got, flag, want in (
+        ("latent channels", encoders.latent_channels, "model.in_channels", m.in_channels),
+        ("condition width", encoders.cond_dim, "model.cond_channels", m.cond_channels),
+        ("condition tokens", encoders.cond_tokens, "model.cond_tokens", m.cond_tokens),
+    ):
+        if got != want:
+            raise ValueError(
+                f"{flag}={want}: the frozen encoders give {what} {got}; set {flag}={got}"
+            )
+
+
 def _device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -94,15 +120,7 @@ class Trainer:
         self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last)
         self.step = 0
         self._resume()
-        self.dataset = FeatureDataset(job.data)
-        self.data = MicroBatchIterator(
-            self.dataset,
-            global_batch_size=job.train.global_batch_size,
-            micro_batch_size=job.train.micro_batch_size,
-            dp_rank=self.info.dp_rank,
-            dp_size=self.info.dp_size,
-            consumed_samples=self.step * job.train.global_batch_size,
-        )
+        self.data = self._build_data()
         self.forward_step = DiffusionForwardStep(
             build_objective(job.diffusion),
             seed=job.train.seed,
@@ -125,6 +143,33 @@ class Trainer:
             save_config(job, out / "config.yaml")
         self.stop = _StopFlag()
 
+    # -- data --------------------------------------------------------------------------------
+    def _build_data(self):
+        """Resumable DP-sliced micro-batches; raw media pass through the frozen encoders."""
+        job = self.job
+        if job.media is not None:
+            from lumos_mcore.data.media.dataset import MediaDataset
+            from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
+
+            self.dataset = MediaDataset(job.media)
+            self.dataset.check_micro_batch_size(job.train.micro_batch_size)
+            encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
+            _check_encoders_fit_model(encoders, job)
+        else:
+            self.dataset = FeatureDataset(job.data)
+        data = MicroBatchIterator(
+            self.dataset,
+            global_batch_size=job.train.global_batch_size,
+            micro_batch_size=job.train.micro_batch_size,
+            dp_rank=self.info.dp_rank,
+            dp_size=self.info.dp_size,
+            consumed_samples=self.step * job.train.global_batch_size,
+        )
+        if job.media is not None:
+            # One rank of each model replica encodes; the others receive its tensors.
+            data = OnlineEncodingIterator(data, encoders, group=_replica_group(self.info.dp_rank))
+        return StallTimer(data)
+
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> None:
         job = self.job
@@ -142,8 +187,7 @@ class Trainer:
     def save(self) -> str:
         state = {
             "step": self.step,
-            "consumed_samples": self.data.consumed_samples,
-            "data": self.data.state_dict(),
+            "consumed_samples": self.step * self.job.train.global_batch_size,
             "model_config": config_to_dict(self.job.model),
             "job": config_to_dict(self.job),
         }
@@ -236,6 +280,8 @@ class Trainer:
                     "throughput/tokens_per_s": tokens_per_step / dt,
                     "memory/peak_gib": peak_memory_gib(),
                     "data/bad_samples": float(self.dataset.num_bad),
+                    **{f"data/bad/{k}": float(v) for k, v in self.dataset.bad_counts.items()},
+                    **self.data.window(),
                 }
             )
             if self.is_logging_rank:

@@ -27,11 +27,11 @@ def make_data(root: Path, num_samples: int = 64, latent_size: int = 8, cond_dim:
 
 
 def make_job(
-    data: Path, out: Path, *, objective: str = "ddpm", steps: int = 12, **sections
+    data: Path | None, out: Path, *, objective: str = "ddpm", steps: int = 12, **sections
 ) -> JobConfig:
     """A Lumos-Micro job on 8x8 latents; ``sections`` override whole config sections."""
     base = dict(
-        data=DataConfig(path=str(data), num_workers=0),
+        data=DataConfig(path=str(data), num_workers=0) if data is not None else None,
         model=ModelConfig(name="Lumos-Micro/2", latent_size=8, cond_channels=32),
         diffusion=DiffusionConfig(objective=objective),
         optim=OptimConfig(lr=2e-3, warmup_steps=2),
@@ -49,6 +49,30 @@ def make_job(
     )
     base.update(sections)
     return JobConfig(**base)
+
+
+def make_media_job(root: Path, steps: int = 3) -> JobConfig:
+    """Raw JPEG shards (64 px) + tiny random VAE / DINO saved locally; Lumos-Micro on 8x8."""
+    from lumos_mcore.config.media import EncodersConfig, MediaDataConfig
+    from lumos_mcore.data.media.synthetic import write_synthetic_media
+    from lumos_mcore.encoders.tiny import save_tiny_encoders
+
+    media = write_synthetic_media(root / "media", num_images=16, sizes=[(64, 64)], seed=0)
+    enc = save_tiny_encoders(root / "encoders")
+    cfg = MediaDataConfig(
+        path=str(media),
+        buckets=[[64, 64]],
+        num_workers=0,
+        encoders=EncodersConfig(vae=str(enc["vae"]), dino=str(enc["dino"]), dino_image_size=32),
+    )
+    return make_job(
+        None,
+        root / "run",
+        steps=steps,
+        media=cfg,
+        checkpoint=CheckpointConfig(save_interval=100),
+        parallel=ParallelConfig(tp=2),
+    )
 
 
 def read_losses(out: Path) -> dict[int, float]:

@@ -1,0 +1,477 @@
+"""Raw-media ``SampleSource``: encoded images/videos in, bucketed pixel micro-batches out.
+
+``MediaDataset`` plugs into ``MicroBatchIterator`` like ``FeatureDataset`` does, so distributed
+reading (each DP rank takes its own slice of every global batch) and exact resume from
+``consumed_samples`` at any DP size come with it. Reading is two-phase: ``get_or_none`` reads a
+sample's bytes and metadata with one ``pread`` and plans its geometry (bucket, crop, frames);
+``collate`` decodes the whole micro-batch at once (DALI runs batches), then stacks it.
+
+Sample order with several buckets: the sampler's "shards" are same-bucket chunks of
+``media.bucket_chunk`` samples (each bucket padded to a whole number of chunks by repeating its
+first samples), shuffled one chunk at a time; every micro-batch then lies inside one chunk (the
+micro-batch size divides the chunk), so it has one shape. With one bucket the chunks are the
+physical shards and nothing is repeated.
+
+Bad input: samples whose index facts already rule them out (no media member, zero-length,
+member past the end of a truncated shard, unreadable when indexed, too small for the bucket,
+too short for the clip) are dropped when the dataset opens; a sample that fails later (truncated
+or corrupt stream, unreadable metadata, missing caption when captions are needed) is replaced by
+the next good sample of its chunk, so replacements keep the micro-batch's shape and depend only
+on the data. Every bad sample is counted once per reason in ``bad_counts`` and the first of each
+reason is logged; a shard whose bad samples exceed ``media.max_bad_fraction`` raises
+``BadDataError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from lumos_mcore.config.media import MediaDataConfig
+from lumos_mcore.data.features import BadDataError, BadSampleError
+from lumos_mcore.data.media.buckets import Bucket, BucketSpec, clip_span, clip_start, crop_roi
+from lumos_mcore.data.media.decode import DecodeError, DecodeRequest, MediaDecoder
+from lumos_mcore.data.media.shards import CAPTION, MEDIA, MEMBER_COLUMN, META, MediaIndex
+from lumos_mcore.data.sampler import MicroBatchIterator
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MEDIA_BAD_REASONS", "BadDataError", "BadSampleError", "MediaDataset"]
+
+# Why a media sample can be unusable; the keys of MediaDataset.bad_counts.
+MEDIA_BAD_REASONS = (
+    "missing_member",
+    "empty",
+    "truncated",
+    "undecodable",
+    "too_short",
+    "too_small",
+    "bad_meta",
+)
+_MAX_OPEN_PER_THREAD = 16
+_FACT_REASONS = {1: "too_small", 2: "too_short", 3: "undecodable"}
+
+
+class MediaDataset:
+    """Random access to planned samples by (virtual) index; ``collate`` decodes micro-batches.
+
+    Attributes the trainer uses: ``shard_sizes`` (the sampler's units), ``bad_counts`` /
+    ``num_bad`` (per rank, for logging), ``decoder.routes`` (samples per kind/codec/decoder).
+    """
+
+    def __init__(self, cfg: MediaDataConfig, *, decoder: MediaDecoder | None = None) -> None:
+        self.cfg = cfg
+        self.root = os.path.abspath(cfg.path)
+        index = MediaIndex.load(self.root)
+        shards = index.shards
+        self.extra = index.extra
+        self.shard_paths = [os.path.join(self.root, s.name) for s in shards]
+        phys_sizes = np.asarray([s.num_samples for s in shards], dtype=np.int64)
+        self._phys_shard = np.repeat(np.arange(len(shards), dtype=np.int32), phys_sizes)
+        self._phys_shard_sizes = phys_sizes
+        self._keys = np.asarray([k.encode() for s in shards for k in s.keys], dtype=np.bytes_)
+        self._offsets = np.concatenate([s.offsets for s in shards])  # [P, M]
+        self._sizes = np.concatenate([s.sizes for s in shards])  # [P, M]
+        kinds = np.asarray([k for s in shards for k in s.kinds])
+        self._width = np.concatenate([s.widths for s in shards])
+        self._height = np.concatenate([s.heights for s in shards])
+        self._frames = np.concatenate([s.num_frames for s in shards])
+        self._codec = [c for s in shards for c in s.codecs]
+        video = cfg.modality == "video"
+        self.spec = BucketSpec(
+            cfg.buckets,
+            frames=list(cfg.num_frames) if video else None,
+            stride=cfg.frame_stride,
+            max_upscale=cfg.max_upscale,
+        )
+        self.buckets: list[Bucket] = self.spec.buckets
+        self.need_caption = cfg.encoders.cond == "t5"
+        self.decoder = decoder or MediaDecoder(
+            backend=cfg.decoder,
+            dali_device=cfg.dali_device,
+            dali_threads=cfg.dali_threads,
+            color_matrix=cfg.color_matrix,
+        )
+
+        self.bad_counts: dict[str, int] = dict.fromkeys(MEDIA_BAD_REASONS, 0)
+        self._bad: dict[int, str] = {}
+        self._bad_per_shard: dict[int, collections.Counter] = collections.defaultdict(
+            collections.Counter
+        )
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._generation = 0
+        self._all_fds: set[int] = set()
+
+        # ---- facts -> bucket or reason, decided once for the whole index ----
+        other = (kinds != cfg.modality) & (kinds != "")
+        self.num_other_modality = int(other.sum())
+        self._bucket, fact_reason = self.spec.assign(self._width, self._height, self._frames)
+        media_col = MEMBER_COLUMN[MEDIA]
+        file_sizes = np.asarray([self._file_size(p) for p in self.shard_paths], dtype=np.int64)
+        ends = self._offsets + np.maximum(self._sizes, 0)  # [P, M]
+        past_end = ((self._offsets >= 0) & (ends > file_sizes[self._phys_shard][:, None])).any(1)
+        early: list[tuple[np.ndarray, str]] = [
+            (self._offsets[:, media_col] < 0, "missing_member"),
+            (self._sizes[:, media_col] == 0, "empty"),
+            (past_end, "truncated"),
+        ]
+        # Facts unknown: the reason probing failed when the index was built, else undecodable.
+        errors = np.asarray([e for s in shards for e in s.errors])
+        unknown = fact_reason == 3
+        for reason in ("truncated", "empty"):
+            early.append((unknown & (errors == reason), reason))
+        early += [(fact_reason == code, reason) for code, reason in _FACT_REASONS.items()]
+        decided = other.copy()
+        for mask, reason in early:
+            for p in np.flatnonzero(mask & ~decided):
+                self._mark_bad(int(p), reason, "from the index facts", check=False)
+            decided |= mask
+        usable = ~decided
+        if self.num_other_modality:
+            logger.info(
+                "media dataset %s: %d samples are not %ss (media.modality) and are not used",
+                self.root,
+                self.num_other_modality,
+                cfg.modality,
+            )
+        if self.num_bad:
+            logger.warning(
+                "media dataset %s: %d of %d samples unusable %s",
+                self.root,
+                self.num_bad,
+                len(self._keys),
+                {k: v for k, v in self.bad_counts.items() if v},
+            )
+        for shard in sorted(self._bad_per_shard):
+            self._check_shard(shard, None)
+        if not usable.any():
+            raise BadDataError(
+                f"media.path={cfg.path}: no usable {cfg.modality} samples "
+                f"({self.num_other_modality} of another modality; bad: "
+                f"{ {k: v for k, v in self.bad_counts.items() if v} })"
+            )
+
+        # ---- virtual layout: the sampler's units ----
+        if len(self.buckets) == 1:
+            ids = np.flatnonzero(usable)
+            unit_sizes = np.bincount(self._phys_shard[ids], minlength=len(shards))
+            unit_sizes = unit_sizes[unit_sizes > 0]
+        else:
+            parts, unit_list = [], []
+            chunk = cfg.bucket_chunk
+            for b in range(len(self.buckets)):
+                members = np.flatnonzero(usable & (self._bucket == b))
+                if len(members) == 0:
+                    continue
+                n = -(-len(members) // chunk) * chunk
+                parts.append(np.resize(members, n))  # repeats the bucket's first samples
+                unit_list += [chunk] * (n // chunk)
+            ids = np.concatenate(parts)
+            unit_sizes = np.asarray(unit_list)
+            self.num_repeated = int(len(ids) - usable.sum())
+            if self.num_repeated:
+                logger.info(
+                    "media dataset: %d buckets in chunks of %d; %d samples repeated to fill "
+                    "the last chunk of each bucket",
+                    len(self.buckets),
+                    chunk,
+                    self.num_repeated,
+                )
+        self._virt = ids.astype(np.int64)  # virtual index -> physical sample
+        self.shard_sizes = unit_sizes.astype(np.int64)
+        self._unit_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+
+    # ---- files ----
+    @staticmethod
+    def _file_size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"media shard {path} listed in index.json is missing") from None
+
+    def _fd(self, shard: int) -> int:
+        loc = self._local
+        if getattr(loc, "generation", None) != self._generation:
+            loc.fds = collections.OrderedDict()
+            loc.generation = self._generation
+        fd = loc.fds.get(shard)
+        if fd is not None:
+            loc.fds.move_to_end(shard)
+            return fd
+        fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+        with self._lock:
+            self._all_fds.add(fd)
+        loc.fds[shard] = fd
+        if len(loc.fds) > _MAX_OPEN_PER_THREAD:
+            _, old = loc.fds.popitem(last=False)
+            with self._lock:
+                self._all_fds.discard(old)
+            os.close(old)
+        return fd
+
+    def close(self) -> None:
+        """Close the shard files (reads reopen them)."""
+        with self._lock:
+            fds, self._all_fds = self._all_fds, set()
+            self._generation += 1
+        for fd in fds:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_all_fds", ()):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    # ---- bookkeeping ----
+    def __len__(self) -> int:
+        return len(self._virt)
+
+    @property
+    def num_bad(self) -> int:
+        return len(self._bad)
+
+    @property
+    def num_physical(self) -> int:
+        """Samples in the index (all modalities, good and bad)."""
+        return len(self._keys)
+
+    def units(self) -> list[tuple[int, int]]:
+        """``[start, end)`` index ranges of the sampler's units (one bucket each)."""
+        starts = self._unit_starts.tolist()
+        return list(zip(starts[:-1], starts[1:]))
+
+    def key(self, index: int) -> str:
+        return self._keys[self._virt[index]].decode()
+
+    def bucket_of(self, index: int) -> Bucket:
+        return self.buckets[int(self._bucket[self._virt[index]])]
+
+    def _mark_bad(self, phys: int, reason: str, detail: str, *, check: bool = True) -> None:
+        shard = int(self._phys_shard[phys])
+        with self._lock:
+            new = phys not in self._bad
+            if new:
+                self._bad[phys] = reason
+                self.bad_counts[reason] += 1
+                self._bad_per_shard[shard][reason] += 1
+            first = reason not in self._logged
+            self._logged.add(reason)
+        if new and first:
+            logger.warning(
+                "skipping bad sample (further '%s' samples are counted silently): sample %r in "
+                "%s: %s: %s",
+                reason,
+                self._keys[phys].decode(),
+                self.shard_paths[shard],
+                reason,
+                detail,
+            )
+        if check:
+            self._check_shard(shard, f"{reason}: {detail}")
+
+    def _check_shard(self, shard: int, latest: str | None) -> None:
+        with self._lock:
+            reasons = dict(self._bad_per_shard[shard])
+        n_bad, n = sum(reasons.values()), int(self._phys_shard_sizes[shard])
+        if n_bad > self.cfg.max_bad_fraction * n:
+            tail = f"; latest: {latest}" if latest else ""
+            raise BadDataError(
+                f"media.max_bad_fraction={self.cfg.max_bad_fraction} exceeded in shard "
+                f"{self.shard_paths[shard]}: {n_bad} of {n} samples bad {reasons}{tail}. "
+                "Re-create the shard or raise media.max_bad_fraction"
+            )
+
+    # ---- planning (cheap: one pread, no decoding) ----
+    def _read(self, phys: int) -> dict[str, bytes]:
+        offs, sizes = self._offsets[phys].tolist(), self._sizes[phys].tolist()
+        present = [(m, offs[c], sizes[c]) for m, c in MEMBER_COLUMN.items() if offs[c] >= 0]
+        lo = min(o for _, o, _ in present)
+        hi = max(o + s for _, o, s in present)
+        fd = self._fd(int(self._phys_shard[phys]))
+        span = memoryview(os.pread(fd, hi - lo, lo))
+        out = {m: span[o - lo : o - lo + s] for m, o, s in present}
+        for m, _, s in present:
+            if len(out[m]) != s:
+                raise BadSampleError(
+                    "truncated",
+                    self._keys[phys].decode(),
+                    self.shard_paths[int(self._phys_shard[phys])],
+                    f"{m}: read {len(out[m])} of {s} bytes",
+                )
+        return out
+
+    def plan(self, index: int, bucket: Bucket | None = None) -> dict[str, Any]:
+        """Read sample ``index`` and fix its geometry; raises ``BadSampleError`` (not counted)."""
+        phys = int(self._virt[index])
+        key = self._keys[phys].decode()
+        shard_path = self.shard_paths[int(self._phys_shard[phys])]
+        known = self._bad.get(phys)
+        if known is not None:
+            raise BadSampleError(known, key, shard_path, "known bad")
+        raw = self._read(phys)
+        meta: dict[str, Any] = {}
+        if META in raw:
+            try:
+                meta = json.loads(bytes(raw[META]))
+            except Exception as e:
+                raise BadSampleError(
+                    "bad_meta", key, shard_path, f"json: {type(e).__name__}: {e}"
+                ) from None
+            if not isinstance(meta, dict):
+                raise BadSampleError("bad_meta", key, shard_path, "json is not an object")
+        caption = meta.get("caption")
+        if CAPTION in raw:
+            caption = bytes(raw[CAPTION]).decode("utf-8", errors="replace").strip()
+        if self.need_caption and not caption:
+            raise BadSampleError(
+                "missing_member", key, shard_path, "no caption (txt member or json 'caption')"
+            )
+        camera = meta.get("camera")
+        if camera is not None:
+            try:
+                camera = np.asarray(camera, dtype=np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                raise BadSampleError("bad_meta", key, shard_path, "camera is not numeric") from None
+        if bucket is None:
+            bucket = self.buckets[int(self._bucket[phys])]
+        h, w = int(self._height[phys]), int(self._width[phys])
+        start, span = 0, 1
+        if self.cfg.modality == "video":
+            span = clip_span(bucket.frames, self.cfg.frame_stride)
+            if span > int(self._frames[phys]):
+                raise BadSampleError(
+                    "too_short", key, shard_path, f"{self._frames[phys]} frames < {span}"
+                )
+            start = clip_start(int(self._frames[phys]), span, seed=self.cfg.seed, index=index)
+        request = DecodeRequest(
+            data=raw[MEDIA],
+            kind=self.cfg.modality,
+            codec=self._codec[phys],
+            source_hw=(h, w),
+            roi=crop_roi(h, w, bucket),
+            size=(bucket.height, bucket.width),
+            start=start,
+            count=bucket.frames if self.cfg.modality == "video" else 1,
+            stride=self.cfg.frame_stride,
+        )
+        return {
+            "index": index,
+            "key": key,
+            "request": request,
+            "bucket": bucket,
+            "caption": caption or "",
+            "camera": camera,
+            "resolution": (h, w),
+            "meta": meta,
+        }
+
+    def _candidates(self, index: int):
+        """``index``, then the other samples of its chunk in a fixed order (wrapping)."""
+        unit = int(np.searchsorted(self._unit_starts, index, side="right")) - 1
+        lo, hi = int(self._unit_starts[unit]), int(self._unit_starts[unit + 1])
+        yield index
+        yield from range(index + 1, hi)
+        yield from range(lo, index)
+
+    def _plan_first_good(
+        self, index: int, *, skip_first: bool = False, bucket: Bucket | None = None
+    ):
+        for i, cand in enumerate(self._candidates(index)):
+            if skip_first and i == 0:
+                continue
+            try:
+                return self.plan(cand, bucket)
+            except BadSampleError as err:
+                self._mark_bad(int(self._virt[cand]), err.reason, err.detail)
+        return None
+
+    def get_or_none(self, index: int) -> dict[str, Any] | None:
+        """Plan of sample ``index`` or, if it is bad, of the next good sample of its chunk; None
+        only when the whole chunk is bad. Raises ``BadDataError`` past the threshold."""
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range [0, {len(self)})")
+        return self._plan_first_good(index)
+
+    # ---- decoding ----
+    def _decode_one(self, plan: dict[str, Any]) -> torch.Tensor | DecodeError:
+        return self.decoder.decode([plan["request"]])[0]
+
+    def collate(self, plans: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decode a micro-batch of plans: ``pixels`` [B, 3, (T,) H, W] in [-1, 1], ``caption``
+        list[str], ``camera_pose`` [B, K] (when every sample has one), ``resolution`` [B, 2] (source
+        H, W), ``aspect_ratio`` [B, 1] (bucket H / W), ``index`` [B], ``key`` list[str]."""
+        if not plans:
+            raise ValueError("MediaDataset.collate: empty micro-batch")
+        # One chunk -> one bucket; a micro-batch the sampler had to extend past a wholly bad
+        # chunk is brought to its most common bucket (ties: the earliest sample's).
+        counts = collections.Counter(p["bucket"] for p in plans)
+        first = {}
+        for i, p in enumerate(plans):
+            first.setdefault(p["bucket"], i)
+        target = max(counts, key=lambda b: (counts[b], -first[b]))
+        plans = [p if p["bucket"] == target else self._refit(p, target) for p in plans]
+        outs = self.decoder.decode([p["request"] for p in plans])
+        pixels: list[torch.Tensor] = []
+        final: list[dict[str, Any]] = []
+        for plan, out in zip(plans, outs):
+            while isinstance(out, DecodeError):
+                self._mark_bad(int(self._virt[plan["index"]]), out.reason, out.detail)
+                nxt = self._plan_first_good(plan["index"], skip_first=True, bucket=target)
+                if nxt is None:
+                    raise BadDataError(
+                        f"every sample of the chunk holding sample {plan['key']!r} is bad; "
+                        f"bad so far: { {k: v for k, v in self.bad_counts.items() if v} }"
+                    )
+                plan, out = nxt, self._decode_one(nxt)
+            pixels.append(out)
+            final.append(plan)
+        batch: dict[str, Any] = {
+            "pixels": torch.stack(pixels),  # [B, 3, (T,) H, W]
+            "caption": [p["caption"] for p in final],
+            "resolution": torch.tensor([p["resolution"] for p in final], dtype=torch.float32),
+            "aspect_ratio": torch.full(
+                (len(final), 1), target.height / target.width, dtype=torch.float32
+            ),
+            "index": torch.tensor([p["index"] for p in final], dtype=torch.long),  # [B]
+            "key": [p["key"] for p in final],
+        }
+        cams = [p["camera"] for p in final]
+        if all(c is not None for c in cams) and len({c.shape for c in cams}) == 1:
+            # The stored (absolute) pose; NVS pairs views and derives the relative camera.
+            batch["camera_pose"] = torch.from_numpy(np.stack(cams))  # [B, K]
+        return batch
+
+    def _refit(self, plan: dict[str, Any], bucket: Bucket) -> dict[str, Any]:
+        """Re-plan a sample for another bucket (only when a micro-batch had to leave its chunk)."""
+        try:
+            return self.plan(plan["index"], bucket)
+        except BadSampleError as err:
+            raise BadDataError(
+                f"sample {plan['key']!r} cannot fill bucket {bucket} of its micro-batch ({err}); "
+                "this happens only when a whole chunk of media.bucket_chunk samples is bad"
+            ) from None
+
+    def iterator(self, *, micro_batch_size: int, **kwargs: Any) -> MicroBatchIterator:
+        """``MicroBatchIterator(self, ...)`` after checking the micro-batch fits the chunks."""
+        self.check_micro_batch_size(micro_batch_size)
+        return MicroBatchIterator(self, micro_batch_size=micro_batch_size, **kwargs)
+
+    def check_micro_batch_size(self, micro_batch_size: int) -> None:
+        """With several buckets a micro-batch must not straddle two chunks."""
+        if len(self.buckets) > 1 and self.cfg.bucket_chunk % micro_batch_size:
+            raise ValueError(
+                f"media.bucket_chunk={self.cfg.bucket_chunk}: must be a multiple of "
+                f"train.micro_batch_size={micro_batch_size} with {len(self.buckets)} buckets "
+                "(each micro-batch must come from one same-bucket chunk)"
+            )
