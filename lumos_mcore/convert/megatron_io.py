@@ -1,0 +1,153 @@
+"""One-process megatron ``LumosDiT`` for writing checkpoints and for inference.
+
+Writing a megatron checkpoint goes through the model itself: a TP=1, PP=1 ``LumosDiT`` built
+from the target config takes the full weights (every parameter must be there, with its shape),
+and its own ``sharded_state_dict`` names what is stored. The checkpoint therefore holds exactly
+what the trainer requests when it loads (global keys, stacked layers, per-layer
+``_extra_state``) and, like a training checkpoint, loads at any TP / PP / CP / DP layout.
+
+Everything here needs torch.distributed and megatron's parallel state; ``one_process`` starts
+both for a single process (gloo on CPU) when absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.models.dit.hf_adapter import ConversionError
+
+__all__ = [
+    "build_megatron_model",
+    "load_megatron_for_inference",
+    "one_process",
+    "save_megatron_checkpoint",
+]
+
+
+def _init_one_process(cfg: ModelConfig, seed: int) -> bool:
+    """Start torch.distributed (if needed) and megatron's TP=PP=CP=1 state; True if started."""
+    import torch.distributed as dist
+
+    from lumos_mcore.config.parallel import ParallelConfig
+    from lumos_mcore.parallel.state import initialize_parallel
+
+    started = not (dist.is_available() and dist.is_initialized())
+    initialize_parallel(
+        ParallelConfig(), num_attention_heads=cfg.num_heads_, num_layers=cfg.depth_, seed=seed
+    )
+    return started
+
+
+@contextmanager
+def one_process(cfg: ModelConfig, seed: int = 0) -> Iterator[None]:
+    """megatron parallel state for one process (TP=PP=CP=1) for the duration of the block;
+    torch.distributed is shut down afterwards if it was started here."""
+    import torch.distributed as dist
+
+    from lumos_mcore.parallel.state import destroy_parallel
+
+    started = False
+    try:
+        started = _init_one_process(cfg, seed)
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                f"checkpoint conversion runs in one process (world size {dist.get_world_size()})"
+            )
+        yield
+    finally:
+        if started:
+            destroy_parallel()
+
+
+def build_megatron_model(
+    cfg: ModelConfig,
+    weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+    *,
+    allow_new: bool = False,
+    bf16: bool = False,
+    seed: int = 0,
+) -> tuple[nn.Module, list[str]]:
+    """A TP=1, PP=1 ``LumosDiT`` for ``cfg`` holding ``weights`` (full megatron names; a
+    mapping or a stream of pairs, copied in one at a time so a stream needs no second copy
+    of the model in memory).
+
+    Every tensor must be a parameter of the model with the parameter's shape
+    (``ConversionError`` naming the tensor and both shapes otherwise). Parameters without a
+    tensor are an error, unless ``allow_new``: they then keep the model's initialisation
+    (seeded by ``seed``) and their names are returned. Needs megatron's parallel state.
+    """
+    from lumos_mcore.models.dit.model import build_lumos_dit, build_transformer_config
+    from lumos_mcore.models.dit.state_dict import global_name
+
+    torch.manual_seed(seed)
+    model = build_lumos_dit(cfg, build_transformer_config(cfg, bf16=bf16))
+    params = {global_name(model, n): p for n, p in model.named_parameters()}
+    seen: set[str] = set()
+    items = weights.items() if isinstance(weights, Mapping) else weights
+    with torch.no_grad():
+        for name, tensor in items:
+            param = params.get(name)
+            if param is None:
+                raise ConversionError(
+                    f"mcore tensor {name!r} is not a parameter of the megatron model for this "
+                    f"config (variant={cfg.variant!r})"
+                )
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ConversionError(
+                    f"mcore tensor {name!r} has shape {tuple(tensor.shape)}, but the megatron "
+                    f"model for this config has {tuple(param.shape)}"
+                )
+            param.copy_(tensor)
+            seen.add(name)
+    new = [n for n in params if n not in seen]
+    if new and not allow_new:
+        raise ConversionError(
+            f"the weights lack {len(new)} parameter(s) of the megatron model for this config, "
+            f"e.g. {new[:5]}"
+        )
+    return model, new
+
+
+def save_megatron_checkpoint(
+    path: str | os.PathLike, model: nn.Module, cfg: ModelConfig, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` (one process) as a weights-only checkpoint folder ``path`` (created).
+
+    The common state marks it ``weights_only``: ``Checkpointer.load`` then starts training at
+    step 0 with a fresh optimizer and EMA = the weights.
+    """
+    from megatron.core import dist_checkpointing
+
+    from lumos_mcore.config.loader import config_to_dict
+
+    path = Path(path)
+    path.mkdir()
+    train_state = {
+        "step": 0,
+        "weights_only": True,
+        "has_ema": False,
+        "model_config": config_to_dict(cfg),
+        "world_size": 1,
+        **(extra or {}),
+    }
+    dist_checkpointing.save(
+        {"model": model.sharded_state_dict(), "train_state": train_state}, str(path)
+    )
+    return path
+
+
+def load_megatron_for_inference(
+    cfg: ModelConfig, weights: Mapping[str, Tensor], *, bf16: bool = False, seed: int = 0
+) -> nn.Module:
+    """``LumosDiT`` in this process for sampling (parallel state started and kept)."""
+    _init_one_process(cfg, seed)
+    model, _ = build_megatron_model(cfg, weights, bf16=bf16, seed=seed)
+    return model
