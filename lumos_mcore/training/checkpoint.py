@@ -212,7 +212,7 @@ class Checkpointer:
         path = Path(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
         if common["train_state"].get("weights_only"):
-            return self._load_weights_only(path, common, chunks, ema)
+            return self._load_weights_only(path, common, chunks, ema, optimizer)
         state = _model_sharded_state_dict(chunks)
         if optimizer is not None:
             apply_optimizer_checkpoint_fix()
@@ -245,7 +245,9 @@ class Checkpointer:
             torch.cuda.synchronize()
         return common["train_state"]
 
-    def _load_weights_only(self, path: Path, common: dict, chunks, ema: EMA | None) -> dict:
+    def _load_weights_only(
+        self, path: Path, common: dict, chunks, ema: EMA | None, optimizer=None
+    ) -> dict:
         """A converted / exported checkpoint: weights (and EMA if stored); training starts fresh."""
         state = _model_sharded_state_dict(chunks)
         has_ema = bool(common["train_state"].get("has_ema"))
@@ -255,6 +257,10 @@ class Checkpointer:
         for i, chunk in enumerate(chunks):
             key = "model" if len(chunks) == 1 else f"model{i}"
             unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+            # Mixed precision keeps fp32 main copies of the weights: refresh them, or the first
+            # step would write the initial weights back (bf16 on GPU).
+            optimizer.reload_model_params()
         if ema is not None:
             if has_ema:
                 ema.load_state_dict(loaded["ema"])
