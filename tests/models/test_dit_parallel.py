@@ -26,6 +26,8 @@ T2I = dict(
     adaln_type="single",
     use_size_conditioning=True,
 )
+# One DINO CLS token: the cross-attention takes its exact single-token path (proj(V(cond))).
+CLS = dict(I2I, cond_tokens=1)
 GLOBAL_BATCH, MICRO_BATCH, SEED = 4, 2, 7
 
 
@@ -155,7 +157,13 @@ def t2i_reference():
     return batch, _reference(T2I, batch)
 
 
-def _check(ref, results, dp_size):
+@pytest.fixture(scope="module")
+def cls_reference():
+    batch = make_batch(CLS)
+    return batch, _reference(CLS, batch)
+
+
+def _check(ref, results, dp_size, zero_ok=("y_embedding",)):
     from lumos_mcore.models.dit.state_dict import assemble
 
     # Losses / outputs: the DP ranks' pieces in order form the reference sequence.
@@ -170,7 +178,8 @@ def _check(ref, results, dp_size):
     ref_grads = {k: v[0] for k, v in ref["grads"].items()}
     assert full.keys() == ref_grads.keys()
     for name, grad in ref_grads.items():
-        assert grad.abs().sum() > 0 or "y_embedding" in name, f"reference grad of {name} is zero"
+        zero = any(k in name for k in zero_ok)
+        assert grad.abs().sum() > 0 or zero, f"reference grad of {name} is zero"
         scale = grad.abs().max().clamp(min=1e-6)
         err = (full[name] - grad).abs().max() / scale
         assert err < 1e-5, f"{name}: max relative grad error {err:.2e}"
@@ -211,3 +220,31 @@ def test_t2i_adaln_single_matches_single_process(t2i_reference, layout):
     kw = {"tp2_sp": dict(tp=2, sequence_parallel=True), "pp2_vpp2": dict(pp=2, vpp=2)}[layout]
     results = run_distributed(_rank_fn, 2, kw, T2I, ref["state"], batch)
     _check(ref, results, 1)
+
+
+# With one condition token softmax is constant: the query projection's gradient is exactly 0.
+CLS_ZERO_OK = ("y_embedding", "cross_attention.linear_q")
+
+
+def test_single_token_path_equals_general_cross_attention(cls_reference):
+    """The shortcut equals megatron's full cross-attention (taken when a mask is passed)."""
+    batch, ref = cls_reference
+    masked = dict(batch, cond_mask=torch.ones(GLOBAL_BATCH, 1, dtype=torch.bool))
+    general = _reference(CLS, masked)
+    _check(ref, [general], 1, zero_ok=CLS_ZERO_OK)
+    for name, grad in ref["grads"].items():
+        if "cross_attention.linear_q" in name:
+            assert torch.equal(grad[0], torch.zeros_like(grad[0])), name
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [dict(tp=2, sequence_parallel=True), dict(overlap_grad_reduce=True)],
+    ids=["tp2_sp", "dp2_overlap"],
+)
+def test_single_token_path_layouts_match_single_process(cls_reference, layout):
+    """SP: the broadcast output's gradient is summed over TP ranks; overlapped DDP grad
+    reduction runs with the query projections' (zero) gradients in their buckets."""
+    batch, ref = cls_reference
+    results = run_distributed(_rank_fn, 2, layout, CLS, ref["state"], batch)
+    _check(ref, results, 1 if "tp" in layout else 2, zero_ok=CLS_ZERO_OK)

@@ -21,9 +21,7 @@ import copy
 import logging
 from functools import lru_cache, partial
 
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import (
-    CrossAttention,
     CrossAttentionSubmodules,
     SelfAttention,
     SelfAttentionSubmodules,
@@ -34,6 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from lumos_mcore.models.dit.attention import SDPACoreAttention
+from lumos_mcore.models.dit.cross_attention import DiTCrossAttention
 from lumos_mcore.models.dit.layer import (
     AdaLNSingle,
     AdaLNZero,
@@ -42,6 +41,7 @@ from lumos_mcore.models.dit.layer import (
     NonAffineLayerNorm,
     NonAffineRMSNorm,
 )
+from lumos_mcore.models.dit.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def without_sequence_parallel(config: TransformerConfig) -> TransformerConfig:
     return cfg
 
 
-class ContextColumnParallelLinear(ColumnParallelLinear):
+class ContextColumnParallelLinear(FusedBiasColumnParallelLinear):
     """K/V projection of the condition tokens.
 
     The condition tokens (1 DINO token, 120 T5 tokens) are replicated on every TP and CP rank
@@ -140,7 +140,7 @@ def _dit_spec(
                 else None
             ),
             cross_attention=ModuleSpec(
-                module=CrossAttention,
+                module=DiTCrossAttention,
                 params={"attn_mask_type": AttnMaskType.padding},
                 submodules=CrossAttentionSubmodules(
                     linear_q=linear_col,
@@ -166,12 +166,13 @@ def get_dit_layer_local_spec(
     video: str | None = None,
     cross_attn_gate: bool = False,
 ) -> ModuleSpec:
-    """megatron tensor-parallel linears + SDPA core attention (CPU and GPU without TE)."""
+    """megatron tensor-parallel linears (bias folded into the GEMM where that is exact, see
+    :mod:`~lumos_mcore.models.dit.linear`) + SDPA core attention (CPU and GPU without TE)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     return _dit_spec(
-        linear_col=ColumnParallelLinear,
-        linear_row=RowParallelLinear,
+        linear_col=FusedBiasColumnParallelLinear,
+        linear_row=FusedBiasRowParallelLinear,
         linear_ctx=ContextColumnParallelLinear,
         core_attention=SDPACoreAttention,
         adaln_type=adaln_type,
@@ -198,7 +199,9 @@ def get_dit_layer_te_spec(
     )
 
     from lumos_mcore.models.dit.te_attention import TEVideoDotProductAttention
+    from lumos_mcore.ops.te_fp8 import without_fp8
 
+    @without_fp8  # 1-120 condition tokens per sample: too few rows for FP8 GEMMs
     class TEContextColumnParallelLinear(TEColumnParallelLinear):
         """TE twin of :class:`ContextColumnParallelLinear` (replicated condition tokens)."""
 

@@ -13,7 +13,9 @@ understands the :class:`SequenceLayout` the DiT passes as ``packed_seq_params``:
 * ``temporal`` self-attention: spatial positions become the batch dimension
   (``[frames_local, h*w*b]``) and TE's CP gathers the other ranks' frames;
 * cross-attention: condition tokens are replicated on every CP rank, so TE runs without CP; a
-  pack goes as ``thd`` with query / condition ``cu_seqlens`` per sample.
+  padded condition (T5 tokens) goes as TE's ``(query mask, key/value mask)`` pair with
+  ``padding``, an unpadded one as ``no_mask``; a pack goes as ``thd`` with query / condition
+  ``cu_seqlens`` per sample.
 
 Requirements (checked): spatial/temporal need an unpacked batch whose CP shards hold whole
 frames (``frames % (2 cp) == 0`` in the zig-zag layout). This module is imported only by the TE
@@ -95,7 +97,9 @@ class TEVideoDotProductAttention(TEDotProductAttention):
     ) -> Tensor:
         layout = packed_seq_params if isinstance(packed_seq_params, SequenceLayout) else None
         sq, b, np_, hn = query.shape
-        if layout is None:
+        if self.dit_attention_type == "cross" and (layout is not None or packed_seq_params is None):
+            out = self._cross(query, key, value, attention_mask, layout)
+        elif layout is None:
             out = super().forward(
                 query,
                 key,
@@ -106,8 +110,6 @@ class TEVideoDotProductAttention(TEDotProductAttention):
                 packed_seq_params=packed_seq_params,
                 **kwargs,
             )
-        elif self.dit_attention_type == "cross":
-            out = self._cross(query, key, value, attention_mask, layout)
         elif self.pattern == "full":
             out = self._full(query, key, value, layout)
         else:
@@ -163,9 +165,15 @@ class TEVideoDotProductAttention(TEDotProductAttention):
         )  # [F, hw*b, np*hn]
         return out.reshape(s, b, -1)
 
-    def _cross(self, q, k, v, attention_mask, layout: SequenceLayout) -> Tensor:
-        if not layout.packed:
-            return super().forward(q, k, v, attention_mask, AttnMaskType.padding)
+    def _cross(self, q, k, v, attention_mask, layout: SequenceLayout | None) -> Tensor:
+        if layout is None or not layout.packed:
+            if attention_mask is None:  # every condition token is real
+                return super().forward(q, k, v, None, AttnMaskType.no_mask)
+            # TE's padding mask for cross-attention is a (query, key/value) pair of
+            # [b, 1, 1, s] masks, True = masked out; no query is padding.
+            q_mask = torch.zeros(q.shape[1], 1, 1, q.shape[0], dtype=torch.bool, device=q.device)
+            kv_mask = attention_mask.bool().reshape(k.shape[1], 1, 1, k.shape[0])
+            return super().forward(q, k, v, (q_mask, kv_mask), AttnMaskType.padding)
         if layout.context_valid is not None and not bool(layout.context_valid.all()):
             raise NotImplementedError(
                 "packed cross-attention on TransformerEngine takes unpadded condition tokens"
