@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="variable-length conditions + cond_mask (T5-like)",
     )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="mixed latent sizes for packing, e.g. 1x8x8,1x8x12,4x8x8 (frames x H x W each); "
+        "overrides --latent-size/--frames",
+    )
     p.add_argument("--num-classes", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=256)
@@ -61,6 +67,9 @@ def main(argv: list[str] | None = None) -> Path:
         pad_cond=args.cond_padding,
         storage_dtype=args.storage_dtype,
         overwrite=args.overwrite,
+        shapes=[tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        if args.shapes
+        else None,
     )
     print(f"wrote {args.num_samples} samples to {out} in {time.perf_counter() - t0:.2f}s")
     return out

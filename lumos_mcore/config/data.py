@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_KINDS = ("features",)
+PACK_COSTS = ("tokens", "attention")
 
 
 @dataclass
@@ -30,6 +31,12 @@ class DataConfig:
     # Pad the condition sequence to this length (static shapes); None = longest in the micro-batch.
     cond_pad_to: int | None = None
     check_finite: bool = True  # NaN/inf latents or conditions count as bad samples
+    # Sequence packing (docs/video.md#packing): each step's train.global_batch_size samples are
+    # bucketed into packs of at most pack_capacity model tokens (frames * H/p * W/p), one pack
+    # per micro-batch (train.micro_batch_size must be 1); the number of packs per step varies.
+    pack: bool = False
+    pack_capacity: int | None = None  # tokens per pack; required with pack=true
+    pack_cost: str = "tokens"  # balance DP ranks by tokens, or tokens + tokens^2/8192 (attention)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:
@@ -56,3 +63,18 @@ class DataConfig:
             raise ValueError(f"data.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
         if self.cond_pad_to is not None and self.cond_pad_to < 1:
             raise ValueError(f"data.cond_pad_to={self.cond_pad_to}: must be >= 1 or None")
+        if self.pack_cost not in PACK_COSTS:
+            raise ValueError(
+                f"data.pack_cost={self.pack_cost!r}: choose one of {', '.join(PACK_COSTS)}"
+            )
+        if self.pack:
+            if self.pack_capacity is None or self.pack_capacity < 1:
+                raise ValueError(
+                    f"data.pack_capacity={self.pack_capacity}: data.pack=true needs a positive "
+                    "token capacity per pack (at least the largest sample's frames * H/p * W/p)"
+                )
+            if self.cond_pad_to is not None:
+                raise ValueError(
+                    f"data.cond_pad_to={self.cond_pad_to}: not used with data.pack=true (a pack "
+                    "concatenates each sample's own condition tokens); leave it unset"
+                )

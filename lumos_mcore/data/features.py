@@ -252,6 +252,36 @@ class FeatureDataset:
         """Latent shape recorded in the index (no file access); None if unknown."""
         return _recorded_shape(self._latent_shapes, index)
 
+    def token_counts(self, patch_size: int) -> np.ndarray:
+        """Model tokens ``frames * (H/p) * (W/p)`` of every sample, from the index (no file
+        access), so a packer can plan whole windows cheaply. ``[N]`` int64; ``-1`` where the
+        index records no usable shape, ``-2`` where ``H`` or ``W`` is not a multiple of ``p``."""
+        if patch_size < 1:
+            raise ValueError(f"patch_size={patch_size}: must be >= 1")
+        t = self._latent_shapes.astype(np.int64)  # [N, width], -1 padded
+        ndim = (t >= 0).sum(1)  # [N]
+        video = ndim == 4
+        frames = np.where(video, t[:, 1], 1)
+        h = np.where(video, t[:, 2], t[:, 1])
+        w = np.where(video, t[:, 3], t[:, 2])
+        out = frames * (h // patch_size) * (w // patch_size)
+        out = np.where((h % patch_size) | (w % patch_size), -2, out)
+        return np.where((ndim == 3) | video, out, -1)
+
+    def reject(self, index: int, reason: str, detail: str) -> None:
+        """Count sample ``index`` as bad for ``reason`` (one of ``BAD_REASONS``) without reading
+        it, e.g. a latent the model cannot patchify; raises ``BadDataError`` past
+        ``max_bad_fraction`` like a read failure."""
+        if reason not in BAD_REASONS:
+            raise ValueError(f"reason={reason!r}: choose one of {BAD_REASONS}")
+        index = int(index)
+        self._record_bad(
+            index, BadSampleError(reason, self.key(index), self.shard_path(index), detail)
+        )
+
+    def is_known_bad(self, index: int) -> bool:
+        return int(index) in self._bad
+
     @property
     def num_bad(self) -> int:
         return len(self._bad)

@@ -245,10 +245,15 @@ class MicroBatchIterator:
         samples = [self._sample_at(start + j, int(i)) for j, i in enumerate(idx)]
         return self.dataset.collate(samples)
 
+    def micro_batches_at(self, batch_start: int) -> int:
+        """Micro-batches of this rank in the global batch at ``batch_start`` (fixed here;
+        the packed iterator's count varies with the packs a window makes)."""
+        return self.num_micro_batches
+
     def _advance(self, pos: tuple[int, int]) -> tuple[int, int]:
         start, mb = pos
         mb += 1
-        if mb == self.num_micro_batches:
+        if mb == self.micro_batches_at(start):
             return start + self.global_batch_size, 0
         return start, mb
 
@@ -275,10 +280,10 @@ class MicroBatchIterator:
         return batch
 
     def next_global_batch(self) -> list[dict[str, torch.Tensor]]:
-        """All ``num_micro_batches`` micro-batches of this rank's share of the next global batch."""
+        """All micro-batches of this rank's share of the next global batch."""
         if self._next_mb != 0:
             raise RuntimeError("next_global_batch called in the middle of a global batch")
-        return [next(self) for _ in range(self.num_micro_batches)]
+        return [next(self) for _ in range(self.micro_batches_at(self._consumed))]
 
     def close(self) -> None:
         """Stop the prefetch threads (pending work is cancelled)."""

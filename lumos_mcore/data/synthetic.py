@@ -74,16 +74,20 @@ def synthesize(
     class_ids: np.ndarray,
     rng: np.random.Generator,
     *,
-    latent_size: int,
+    latent_size: int | tuple[int, int],
     frames: int | None,
     pad_cond: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Latents [n, C, (T,) H, W], conditions [n, Lc, Dc] and optional masks [n, Lc] for ``class_ids``."""
+    """Latents [n, C, (T,) H, W], conditions [n, Lc, Dc] and optional masks [n, Lc] for ``class_ids``.
+
+    ``latent_size``: ``H = W``, or ``(H, W)``."""
     n = len(class_ids)
     ids = class_ids
     t_count = 1 if frames is None else frames
-    grid = (np.arange(latent_size) + 0.5) / latent_size
-    y, x = np.meshgrid(grid, grid, indexing="ij")  # [H, W]
+    lh, lw = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
+    y, x = np.meshgrid(
+        (np.arange(lh) + 0.5) / lh, (np.arange(lw) + 0.5) / lw, indexing="ij"
+    )  # [H, W]
     t = np.arange(t_count, dtype=np.float64)  # [T]
     phase = classes.phase[ids] + rng.normal(scale=_PHASE_JITTER, size=(n, _WAVES))  # [n, W]
     amp = 1.0 + rng.normal(scale=_AMP_JITTER, size=(n, 1, 1))  # [n, 1, 1]
@@ -134,11 +138,16 @@ def write_synthetic_feature_shards(
     pad_cond: bool = False,
     storage_dtype: str = "float16",
     overwrite: bool = False,
+    shapes: list[tuple[int, int, int]] | None = None,
 ) -> Path:
     """Write a deterministic synthetic feature dataset; returns ``out_dir`` (use as ``data.path``).
 
     ``frames`` set -> video latents [C, T, H, W]; ``pad_cond`` -> variable-length conditions with a
-    ``cond_mask`` (T5-like). Same arguments -> byte-identical shards.
+    ``cond_mask`` (T5-like). ``shapes`` -> mixed sizes for packing: each sample draws one latent
+    ``(frames, H, W)`` from the list (``latent_size`` and ``frames`` are then unused); if any has
+    ``frames > 1`` every latent is stored as video ``[C, T, H, W]`` (images as one frame, since a
+    dataset has one latent rank), else as images ``[C, H, W]``. Same arguments -> byte-identical
+    shards.
     """
     for name, v in (
         ("num_samples", num_samples),
@@ -152,6 +161,10 @@ def write_synthetic_feature_shards(
             raise ValueError(f"{name}={v}: must be >= 1")
     if frames is not None and frames < 1:
         raise ValueError(f"frames={frames}: must be >= 1 or None for images")
+    if shapes is not None:
+        shapes = [tuple(int(v) for v in s) for s in shapes]
+        if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+            raise ValueError(f"shapes={shapes}: need a non-empty list of (frames, H, W) >= 1")
     out = Path(out_dir)
     classes = make_classes(
         num_classes=num_classes,
@@ -171,6 +184,8 @@ def write_synthetic_feature_shards(
             "cond_dim": cond_dim,
         }
     }
+    if shapes is not None:
+        extra["synthetic"]["shapes"] = [list(s) for s in shapes]
     with FeatureShardWriter(
         out,
         samples_per_shard=samples_per_shard,
@@ -178,6 +193,9 @@ def write_synthetic_feature_shards(
         overwrite=overwrite,
         extra=extra,
     ) as writer:
+        if shapes is not None:
+            _write_mixed(writer, classes, rng, num_samples, shapes, num_classes, pad_cond)
+            return out
         for start in range(0, num_samples, _CHUNK):
             n = min(_CHUNK, num_samples - start)
             ids = rng.integers(0, num_classes, size=n)
@@ -201,3 +219,36 @@ def write_synthetic_feature_shards(
                     key=f"{i:09d}",
                 )
     return out
+
+
+def _write_mixed(
+    writer: FeatureShardWriter,
+    classes: SyntheticClasses,
+    rng: np.random.Generator,
+    num_samples: int,
+    shapes: list[tuple[int, int, int]],
+    num_classes: int,
+    pad_cond: bool,
+) -> None:
+    """Samples of mixed latent shapes (one ``synthesize`` call each; meant for small datasets)."""
+    video = any(f > 1 for f, _, _ in shapes)
+    for i in range(num_samples):
+        f, h, w = shapes[int(rng.integers(0, len(shapes)))]
+        ids = rng.integers(0, num_classes, size=1)
+        latents, conds, masks = synthesize(
+            classes, ids, rng, latent_size=(h, w), frames=f if video else None, pad_cond=pad_cond
+        )
+        meta = {
+            "class_id": int(ids[0]),
+            "caption": f"synthetic pattern {int(ids[0])}",
+            "source_size": [h * 8, w * 8],
+        }
+        if video:
+            meta.update(num_frames=f, fps=8.0)
+        writer.write(
+            latents[0],
+            conds[0],
+            cond_mask=None if masks is None else masks[0],
+            meta=meta,
+            key=f"{i:09d}",
+        )

@@ -1,0 +1,338 @@
+"""Packed micro-batches: each step's samples bucketed by token count into packs, balanced over DP.
+
+Semantics (docs/video.md, *Packing*):
+
+* **The global batch counts samples.** Step ``k`` trains on the ``global_batch_size`` positions
+  ``[k GB, (k+1) GB)`` of the deterministic sample order (:class:`~.sampler.GlobalOrder`, the same
+  order the unpacked :class:`~.sampler.MicroBatchIterator` reads), whatever the DP size.
+* **Packs are formed inside that window**, from the samples' model token counts
+  (``frames * H/p * W/p``, read from ``index.json``, no file access): the number of packs is what
+  first-fit decreasing needs at ``capacity`` tokens per pack
+  (:func:`~lumos_mcore.models.dit.packing.pack_by_tokens`), rounded up to a multiple of the DP
+  size; the samples are spread longest-first over that many packs onto the least-loaded one with
+  room, so packs have nearly equal cost (FFD's own packs, full ones and a remainder, would leave
+  one rank idle when each rank runs only a pack or two; if the spreading fails to fit, FFD's
+  packs are used, the fullest split until the count divides). The packs are then assigned with
+  equal counts per rank and balanced loads
+  (:func:`~lumos_mcore.models.dit.packing.balance_packs`). One pack is one micro-batch, so the
+  number of micro-batches per step varies between steps but is the same on every DP rank.
+  Context-parallel ranks share a pack evenly (the layout pads it to a multiple of CP x SP).
+* **State is ``consumed_samples`` only**: a step's packs are a pure function of its window, the
+  DP size and the data, so a resume at the same DP size replays identical packs. At another DP
+  size the step trains on exactly the same samples with the same per-sample noise and timesteps
+  (those follow the sample's *position*, not its pack); only their grouping into packs differs.
+* **Bad samples**: a sample whose shape is unusable (unknown in the index and unreadable, or not
+  a multiple of the patch size) is left out of the plan; a sample that fails to read is dropped
+  from its pack. Both are counted by the dataset (``bad_counts``, ``data.max_bad_fraction``). A
+  pack left empty, or a missing pack needed to keep the per-rank counts equal, is filled with the
+  next good sample after the window that fits (given the position of a dropped sample, so the
+  positions of a step stay unique) — like ``MicroBatchIterator``'s replacement rule, it depends
+  only on the data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lumos_mcore.data.sampler import MicroBatchIterator
+from lumos_mcore.models.dit.packing import balance_packs, pack_by_tokens, sample_cost
+
+__all__ = ["PackedMicroBatchIterator", "StepPlan", "collate_pack"]
+
+_PLAN_CACHE = 4  # step plans kept (the current step plus the prefetched ones)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Packs of one global batch: ``packs[r][m]`` is DP rank ``r``'s micro-batch ``m``, a list of
+    ``(position, sample index)``; ``spare`` are positions of samples left out of the plan."""
+
+    start: int
+    packs: list[list[list[tuple[int, int]]]]
+    spare: list[int]
+
+    @property
+    def micro_batches(self) -> int:
+        return len(self.packs[0])
+
+
+def collate_pack(
+    samples: list[dict[str, Any]], positions: list[int], *, pack_length: int | None = None
+) -> dict[str, Any]:
+    """One pack in the format of ``DiffusionForwardStep.prepare_packed``.
+
+    ``latent``: list of ``[C, (T,) H, W]``; ``cond``: list of ``[Lc_i, Cc]`` with trailing padding
+    (``cond_mask`` False) cut off, so each sample attends to its own tokens only; ``cond_mask``
+    (list of ``[Lc_i]``) only when some sample still has an inner padded token; ``position`` and
+    ``index`` ``[n]`` long; ``pack_length`` when every pack must have one length (PP).
+    """
+    if not samples or len(samples) != len(positions):
+        raise ValueError(f"collate_pack: {len(samples)} samples for {len(positions)} positions")
+    conds, masks = [], []
+    for s in samples:
+        mask = s["cond_mask"]  # [Lc] bool
+        real = int(torch.nonzero(mask).max()) + 1 if bool(mask.any()) else 1
+        conds.append(s["cond"][:real])  # [Lc_i, Cc]
+        masks.append(mask[:real])  # [Lc_i]
+    out: dict[str, Any] = {
+        "latent": [s["latent"] for s in samples],
+        "cond": conds,
+        "position": torch.tensor(positions, dtype=torch.long),  # [n]
+        "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),  # [n]
+    }
+    if not all(bool(m.all()) for m in masks):
+        out["cond_mask"] = masks
+    if pack_length is not None:
+        out["pack_length"] = int(pack_length)
+    return out
+
+
+class PackedMicroBatchIterator(MicroBatchIterator):
+    """Endless iterator over this DP rank's packs (module docstring), resumable from
+    ``consumed_samples``; prefetch threads, ``state_dict`` and ``close`` as in the base class.
+
+    ``dataset`` must provide ``token_counts(patch_size)`` and ``reject`` (``FeatureDataset``).
+    ``on_global_batch(n)``, if set, is called after the last pack of a step with the number of
+    packs of the next step (the trainer passes it to megatron's schedule as ``num_microbatches``).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        global_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        capacity: int,
+        patch_size: int,
+        cost: str = "tokens",
+        pack_length: int | None = None,
+        token_multiple: int = 1,
+        micro_batch_multiple: int = 1,
+        consumed_samples: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dataset,
+            global_batch_size=global_batch_size,
+            micro_batch_size=1,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            consumed_samples=consumed_samples,
+            **kwargs,
+        )
+        sample_cost(1, cost)  # validates the name
+        if capacity < 1:
+            raise ValueError(f"data.pack_capacity={capacity}: must be >= 1")
+        if pack_length is not None and pack_length < capacity:
+            raise ValueError(
+                f"data.pack_capacity={capacity}: larger than the fixed pack length {pack_length} "
+                "(pipeline parallelism pads every pack to model.num_tokens)"
+            )
+        if micro_batch_multiple < 1 or global_batch_size % (dp_size * micro_batch_multiple):
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size}: with packing under the "
+                f"interleaved pipeline it must be a multiple of dp x pp = "
+                f"{dp_size} x {micro_batch_multiple}"
+            )
+        self.capacity = capacity
+        # Packs per rank a multiple of this (megatron's interleaved schedule wants a multiple
+        # of the pipeline size); counts above the minimum just spread samples thinner.
+        self.micro_batch_multiple = micro_batch_multiple
+        self.patch_size = patch_size
+        self.cost = cost
+        self.pack_length = pack_length
+        self.on_global_batch: Callable[[int], None] | None = None
+        self.dropped_in_packs = 0  # samples that failed to read and left their pack (this rank)
+        tokens = np.asarray(dataset.token_counts(patch_size), dtype=np.int64)  # [N]
+        if tokens.max(initial=0) > capacity:
+            i = int(tokens.argmax())
+            raise ValueError(
+                f"data.pack_capacity={capacity}: sample {dataset.key(i)!r} has {int(tokens[i])} "
+                f"tokens (latent {dataset.latent_shape(i)}, patch {patch_size}); raise "
+                f"data.pack_capacity to at least {int(tokens.max())}"
+            )
+        if token_multiple > 1:
+            odd = np.flatnonzero((tokens > 0) & (tokens % token_multiple != 0))
+            if len(odd):
+                i = int(odd[0])
+                raise ValueError(
+                    f"parallel.cp with model.cp_layout='zigzag' needs every sample's tokens to be "
+                    f"a multiple of {token_multiple}; {len(odd)} samples are not, e.g. "
+                    f"{dataset.key(i)!r} with {int(tokens[i])} tokens; use the contiguous layout"
+                )
+        self._tokens = tokens
+        self._plans: OrderedDict[int, StepPlan] = OrderedDict()
+        self._plan_lock = threading.RLock()
+        self._stats_lock = threading.Lock()
+
+    # ---- token counts ----
+    def _tokens_of(self, index: int) -> int:
+        """Tokens of one sample; resolves an unrecorded shape by reading it once. <= 0: unusable."""
+        n = int(self._tokens[index])
+        if n == -1 and not self.dataset.is_known_bad(index):
+            sample = self.dataset.get_or_none(index)  # counted bad by the dataset if it fails
+            if sample is not None:
+                shape = tuple(sample["latent"].shape)
+                f, h, w = (1, *shape[1:]) if len(shape) == 3 else shape[1:]
+                p = self.patch_size
+                n = f * (h // p) * (w // p) if h % p == 0 and w % p == 0 else -2
+                if n > self.capacity:
+                    raise ValueError(
+                        f"data.pack_capacity={self.capacity}: sample {self.dataset.key(index)!r} "
+                        f"has {n} tokens (shape not in index.json; found on read)"
+                    )
+            self._tokens[index] = n
+        if n == -2 and not self.dataset.is_known_bad(index):
+            self.dataset.reject(
+                index,
+                "bad_shape",
+                f"latent {self.dataset.latent_shape(index)} is not a multiple of the patch "
+                f"size {self.patch_size}",
+            )
+        return n
+
+    def _filler(self, position: int, exclude: set[int]) -> tuple[int, int]:
+        """First position >= ``position`` whose sample is usable and not in ``exclude``."""
+        for p in range(position, position + self.order.num_samples):
+            index = int(self.order.indices(p, 1)[0])
+            if index not in exclude and self._tokens_of(index) > 0:
+                return p, index
+        raise RuntimeError(f"no usable sample within one epoch after position {position}")
+
+    # ---- planning ----
+    def plan(self, batch_start: int) -> StepPlan:
+        """The packs of the global batch at ``batch_start`` for every DP rank (cached)."""
+        with self._plan_lock:
+            plan = self._plans.get(batch_start)
+            if plan is None:
+                plan = self._make_plan(batch_start)
+                self._plans[batch_start] = plan
+                while len(self._plans) > _PLAN_CACHE:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def _make_plan(self, start: int) -> StepPlan:
+        gb, unit = self.global_batch_size, self.dp_size * self.micro_batch_multiple
+        idx = self.order.indices(start, gb).tolist()
+        tok = [self._tokens_of(i) for i in idx]
+        spare = [start + j for j in range(gb) if tok[j] <= 0]
+        # Members are (position, index, tokens).
+        members = [(start + j, idx[j], tok[j]) for j in range(gb) if tok[j] > 0]
+        # As few packs as first-fit decreasing needs, rounded up to a multiple of the DP size;
+        # the samples are then spread over that many packs with balanced loads.
+        needed = len(pack_by_tokens([m[2] for m in members], self.capacity)) if members else 0
+        count = max(unit, -(-needed // unit) * unit)
+        packs = self._spread(members, count) or self._split(members, unit)
+        free = list(spare)
+        used = set(idx)
+        for pack in packs:
+            if not pack:  # fewer usable samples than packs: fillers from after the window
+                if not free:
+                    raise RuntimeError(f"cannot make {len(packs)} packs from window {start}")
+                _, index = self._filler(start + gb, used)
+                used.add(index)
+                pack.append((free.pop(0), index, self._tokens_of(index)))
+        costs = [sum(sample_cost(m[2], self.cost) for m in p) for p in packs]
+        per_rank = []
+        for assigned in balance_packs(costs, self.dp_size):
+            rank_packs = []
+            for k in assigned:
+                # Same-shape samples next to each other: attention batches them in one call.
+                ordered = sorted(
+                    packs[k],
+                    key=lambda m: (-m[2], self.dataset.latent_shape(m[1]) or (), m[0]),
+                )
+                rank_packs.append([(m[0], m[1]) for m in ordered])
+            per_rank.append(rank_packs)
+        return StepPlan(start, per_rank, spare)
+
+    def _spread(
+        self, members: list[tuple[int, int, int]], count: int
+    ) -> list[list[tuple[int, int, int]]] | None:
+        """Longest-first onto the least-loaded of ``count`` packs with room (None if a sample
+        fits nowhere): packs of nearly equal cost, so DP ranks are balanced within about one
+        sample even when each rank runs only one or two packs."""
+        packs: list[list[tuple[int, int, int]]] = [[] for _ in range(count)]
+        load = np.zeros(count)  # [count]
+        room = np.full(count, self.capacity, dtype=np.int64)  # [count]
+        for m in sorted(members, key=lambda m: (-m[2], m[0])):
+            k = int(np.argmin(np.where(room >= m[2], load, np.inf)))
+            if room[k] < m[2]:
+                return None
+            packs[k].append(m)
+            load[k] += sample_cost(m[2], self.cost)
+            room[k] -= m[2]
+        return packs
+
+    def _split(
+        self, members: list[tuple[int, int, int]], dp: int
+    ) -> list[list[tuple[int, int, int]]]:
+        """Fallback: first-fit-decreasing packs, the fullest (by samples) split in two until the
+        count is a multiple of ``dp`` (DP size x ``micro_batch_multiple``; empty packs are
+        filled by the caller)."""
+        lengths = [m[2] for m in members]
+        packs = [[members[k] for k in p] for p in pack_by_tokens(lengths, self.capacity)]
+        while len(packs) % dp or not packs:
+            splittable = [k for k, p in enumerate(packs) if len(p) > 1]
+            if not splittable:
+                packs.append([])
+                continue
+            k = max(splittable, key=lambda k: (len(packs[k]), sum(m[2] for m in packs[k]), -k))
+            ordered = sorted(packs[k], key=lambda m: (-m[2], m[0]))
+            packs[k] = ordered[0::2]
+            packs.append(ordered[1::2])
+        return packs
+
+    def micro_batches_at(self, batch_start: int) -> int:
+        """Packs of each DP rank in the global batch at ``batch_start``."""
+        return self.plan(batch_start).micro_batches
+
+    @property
+    def num_micro_batches_now(self) -> int:
+        """Packs of each DP rank in the step being (or about to be) consumed."""
+        return self.micro_batches_at(self._consumed)
+
+    def rank_tokens(self, batch_start: int) -> list[int]:
+        """Planned tokens per DP rank in the global batch at ``batch_start`` (for balance checks)."""
+        plan = self.plan(batch_start)
+        return [sum(int(self._tokens[i]) for pk in r for _, i in pk) for r in plan.packs]
+
+    # ---- loading ----
+    def _load(self, batch_start: int, micro_batch: int) -> dict[str, Any]:
+        plan = self.plan(batch_start)
+        pack = plan.packs[self.dp_rank][micro_batch]
+        samples, positions = [], []
+        for pos, index in pack:
+            sample = self.dataset.get_or_none(index)  # a failure is counted by the dataset
+            if sample is None:
+                with self._stats_lock:
+                    self.dropped_in_packs += 1
+                continue
+            samples.append(sample)
+            positions.append(pos)
+        if not samples:  # every sample failed: the next good one that reads takes the slot
+            exclude = {i for r in plan.packs for pk in r for _, i in pk}
+            p = batch_start + self.global_batch_size
+            while True:
+                p, index = self._filler(p, exclude)
+                sample = self.dataset.get_or_none(index)
+                if sample is not None:
+                    samples, positions = [sample], [pack[0][0]]
+                    break
+                exclude.add(index)
+                p += 1
+        return collate_pack(samples, positions, pack_length=self.pack_length)
+
+    def __next__(self) -> dict[str, Any]:
+        batch = super().__next__()
+        if self._next_mb == 0 and self.on_global_batch is not None:
+            self.on_global_batch(self.num_micro_batches_now)
+        return batch
