@@ -64,14 +64,22 @@ class StepPlan:
 
 
 def collate_pack(
-    samples: list[dict[str, Any]], positions: list[int], *, pack_length: int | None = None
+    samples: list[dict[str, Any]],
+    positions: list[int],
+    *,
+    pack_length: int | None = None,
+    loss_scale: float | None = None,
 ) -> dict[str, Any]:
     """One pack in the format of ``DiffusionForwardStep.prepare_packed``.
 
     ``latent``: list of ``[C, (T,) H, W]``; ``cond``: list of ``[Lc_i, Cc]`` with trailing padding
     (``cond_mask`` False) cut off, so each sample attends to its own tokens only; ``cond_mask``
     (list of ``[Lc_i]``) only when some sample still has an inner padded token; ``position`` and
-    ``index`` ``[n]`` long; ``pack_length`` when every pack must have one length (PP).
+    ``index`` ``[n]`` long; ``pack_length`` when every pack must have one length (PP);
+    ``loss_scale`` = DP size x packs per rank / samples in the step: the step then sums the
+    pack's per-sample losses times this factor, so that megatron's mean over micro-batches and
+    DDP's mean over DP ranks give the mean over the *samples* of the step (packs hold different
+    numbers of samples; a mean per pack would weigh a sample in a small pack more).
     """
     if not samples or len(samples) != len(positions):
         raise ValueError(f"collate_pack: {len(samples)} samples for {len(positions)} positions")
@@ -91,6 +99,8 @@ def collate_pack(
         out["cond_mask"] = masks
     if pack_length is not None:
         out["pack_length"] = int(pack_length)
+    if loss_scale is not None:
+        out["loss_scale"] = float(loss_scale)
     return out
 
 
@@ -329,7 +339,9 @@ class PackedMicroBatchIterator(MicroBatchIterator):
                     break
                 exclude.add(index)
                 p += 1
-        return collate_pack(samples, positions, pack_length=self.pack_length)
+        planned = sum(len(pk) for r in plan.packs for pk in r)  # samples of the step
+        scale = self.dp_size * plan.micro_batches / planned
+        return collate_pack(samples, positions, pack_length=self.pack_length, loss_scale=scale)
 
     def __next__(self) -> dict[str, Any]:
         batch = super().__next__()

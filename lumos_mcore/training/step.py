@@ -150,6 +150,8 @@ class PreparedBatch:
     weight: Tensor  # [B'] kept_local / kept_total per sample
     patch_area: int  # p * p: token channels are (p, q, c)
     regroup: list[Tensor] | None = field(default=None)  # pack: local token rows per sample
+    # pack: the loss is sum_i(loss_i) * loss_scale instead of the mean (see collate_pack)
+    loss_scale: float | None = None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -347,6 +349,7 @@ class DiffusionForwardStep:
             kept_local / kept_total,
             p * p,
             rows,
+            batch.get("loss_scale"),
         )
         return prep
 
@@ -373,9 +376,15 @@ class DiffusionForwardStep:
             mask=prep.mask,
         )
         w = prep.weight
-        loss = (terms["loss"] * w).mean()
+
+        def reduce(v: Tensor) -> Tensor:  # [B'] -> this micro-batch's share of the step mean
+            if prep.loss_scale is None:
+                return (v * w).mean()
+            return (v * w).sum() * prep.loss_scale  # a pack: samples weigh equally in the step
+
+        loss = reduce(terms["loss"])
         cp = prep.layout.cp_size
-        reported = {k: (v.detach() * w).mean() * cp for k, v in terms.items()}
+        reported = {k: reduce(v.detach()) * cp for k, v in terms.items()}
         return loss, reported
 
 

@@ -278,12 +278,17 @@ def _pack_vs_unpacked(rank: int, world: int, path: str) -> tuple[float, float, i
         build_objective(DiffusionConfig()), seed=5, cond_dropout=0.0, device=torch.device("cpu")
     )
     ds = _ds(Path(path))
-    pack = next(_it(ds, dp_size=1))
+    it = _it(ds, dp_size=1, capacity=72)  # packs of 2, 2, 2, 2 and 4 samples
+    packs = [next(it) for _ in range(it.micro_batches_at(0))]  # every pack of step 0
     with torch.no_grad():
-        prep = fstep.prepare_packed(pack, model)
-        packed, _ = fstep.loss_func(model(**prep.model_inputs), prep=prep)
+        packed = 0.0
+        for pack in packs:  # megatron's mean over the step's micro-batches
+            prep = fstep.prepare_packed(pack, model)
+            packed += fstep.loss_func(model(**prep.model_inputs), prep=prep)[0] / len(packs)
         losses = []
-        for i, pos in zip(pack["index"].tolist(), pack["position"].tolist()):
+        index = torch.cat([p["index"] for p in packs]).tolist()
+        position = torch.cat([p["position"] for p in packs]).tolist()
+        for i, pos in zip(index, position):
             s = ds.get(i)
             dense = {
                 "latent": s["latent"][None],  # [1, C, T, H, W]
@@ -293,12 +298,15 @@ def _pack_vs_unpacked(rank: int, world: int, path: str) -> tuple[float, float, i
             }
             prep = fstep.prepare_dense(dense, model)
             losses.append(fstep.loss_func(model(**prep.model_inputs), prep=prep)[0])
-    return float(packed), float(torch.stack(losses).mean()), len(losses)
+    sizes = [len(p["index"]) for p in packs]
+    return float(packed), float(torch.stack(losses).mean()), len(losses), sizes
 
 
 def test_loader_pack_loss_equals_mean_of_unpacked_sample_losses(mixed):
     from tests.dist_utils import run_distributed
 
-    ((packed, unpacked, n),) = run_distributed(_pack_vs_unpacked, 1, str(mixed), timeout=300)
+    """The step's loss over its packs (of different sample counts) is the mean over samples."""
+    ((packed, unpacked, n, sizes),) = run_distributed(_pack_vs_unpacked, 1, str(mixed), timeout=300)
     assert n >= 3
+    assert len(set(sizes)) > 1, f"packs of equal sizes {sizes} would not test the weighting"
     assert abs(packed - unpacked) <= 1e-5 * abs(unpacked), (packed, unpacked)
