@@ -9,12 +9,10 @@ their own samples. Damaged samples are detected at read time, counted per reason
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import logging
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -22,6 +20,7 @@ import torch
 
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.data.sampler import GlobalOrder, MicroBatchIterator, rank_slice
+from lumos_mcore.data.shard_files import ShardFiles
 from lumos_mcore.data.shards import COND, COND_MASK, LATENT, MEMBER_COLUMN, META, DatasetIndex
 
 __all__ = [
@@ -40,7 +39,6 @@ logger = logging.getLogger(__name__)
 # Why a sample can be unusable; the keys of FeatureDataset.bad_counts.
 BAD_REASONS = ("missing_member", "truncated", "undecodable", "bad_shape", "non_finite")
 
-_MAX_OPEN_PER_THREAD = 16
 # Read a sample's members with one pread when they lie this close together (they are adjacent in
 # shards written by FeatureShardWriter; foreign tars may scatter them).
 _SPAN_SLACK = 64 * 1024
@@ -126,13 +124,15 @@ def _recorded_shape(table: np.ndarray, index: int) -> tuple[int, ...] | None:
     return shape or None
 
 
-class FeatureDataset:
+class FeatureDataset(ShardFiles):
     """Precomputed latents + condition features, random access by global sample index.
 
     Global indices run shard-major in ``index.json`` order. ``bad_counts`` maps each reason in
     ``BAD_REASONS`` to the number of distinct bad samples found so far (each logged once per
     reason); a shard whose bad samples exceed ``cfg.max_bad_fraction`` of its size raises
-    ``BadDataError`` naming it. Thread-safe: prefetch threads call ``get`` concurrently.
+    ``BadDataError`` naming it. Thread-safe: prefetch threads call ``get`` concurrently (shard
+    files are cached per thread by ``ShardFiles``, shared with ``MediaDataset``; ``close`` closes
+    them; the dataset pickles for worker processes without its open files).
     """
 
     def __init__(self, cfg: DataConfig) -> None:
@@ -186,57 +186,6 @@ class FeatureDataset:
         )
         self._logged: set[str] = set()
         self._init_runtime()
-
-    # ---- file handles (per thread, so no thread closes a descriptor another is reading) ----
-    def _init_runtime(self) -> None:
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._generation = 0
-        self._all_fds: set[int] = set()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for k in ("_lock", "_local", "_generation", "_all_fds"):
-            state.pop(k)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._init_runtime()
-
-    def _fd(self, shard: int) -> int:
-        loc = self._local
-        if getattr(loc, "generation", None) != self._generation:
-            loc.fds = collections.OrderedDict()
-            loc.generation = self._generation
-        fd = loc.fds.get(shard)
-        if fd is not None:
-            loc.fds.move_to_end(shard)
-            return fd
-        fd = os.open(self.shard_paths[shard], os.O_RDONLY)
-        with self._lock:
-            self._all_fds.add(fd)
-        loc.fds[shard] = fd
-        if len(loc.fds) > _MAX_OPEN_PER_THREAD:
-            _, old = loc.fds.popitem(last=False)
-            with self._lock:
-                self._all_fds.discard(old)
-            os.close(old)
-        return fd
-
-    def close(self) -> None:
-        """Close all shard files (call when no read is in flight; reads reopen them)."""
-        with self._lock:
-            fds, self._all_fds = self._all_fds, set()
-            self._generation += 1
-        for fd in fds:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        fds = getattr(self, "_all_fds", ())
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     # ---- metadata ----
     def __len__(self) -> int:
@@ -293,22 +242,7 @@ class FeatureDataset:
         for name in (LATENT, COND):
             if offs[MEMBER_COLUMN[name]] < 0:
                 raise fail("missing_member", f"no {name} in the shard")
-        present = [(m, offs[c], sizes[c]) for m, c in MEMBER_COLUMN.items() if offs[c] >= 0]
-        lo = min(o for _, o, _ in present)
-        hi = max(o + s for _, o, s in present)
-        fd = self._fd(shard)
-        out: dict[str, memoryview] = {}
-        if hi - lo <= sum(s for _, _, s in present) + _SPAN_SLACK:
-            span = memoryview(os.pread(fd, hi - lo, lo))  # slices below share it, no copies
-            for m, o, s in present:
-                out[m] = span[o - lo : o - lo + s]
-        else:
-            for m, o, s in present:
-                out[m] = memoryview(os.pread(fd, s, o))
-        for m, _, s in present:
-            if len(out[m]) != s:
-                raise fail("truncated", f"{m}: read {len(out[m])} of {s} bytes")
-        return out
+        return self._pread_members(shard, offs, sizes, MEMBER_COLUMN, fail, _SPAN_SLACK)
 
     def _decode(self, index: int) -> dict[str, Any]:
         key = self.key(index)

@@ -24,14 +24,23 @@ import collections
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-INDEX_NAME = "index.json"
+from lumos_mcore.data.tar_index import INDEX_NAME as INDEX_NAME
+from lumos_mcore.data.tar_index import (
+    TarIndex,
+    TarShard,
+    TarShardWriter,
+    list_shards,
+    members_from_json,
+    members_to_json,
+    scan_tar,
+)
+
 INDEX_FORMAT = "lumos-features"
 INDEX_VERSION = 1
 
@@ -44,29 +53,10 @@ MEMBERS: tuple[str, ...] = (LATENT, COND, COND_MASK, META)
 MEMBER_COLUMN = {name: i for i, name in enumerate(MEMBERS)}
 
 STORAGE_DTYPES = ("float16", "float32")
-_BLOCK = tarfile.BLOCKSIZE
-
-
-def _round_up(n: int, m: int) -> int:
-    return (n + m - 1) // m * m
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 @dataclass
-class ShardInfo:
+class ShardInfo(TarShard):
     """One shard of the index: member offsets/sizes per sample (-1 where a member is absent)."""
 
     name: str
@@ -77,23 +67,10 @@ class ShardInfo:
     cond_shapes: list[list[int] | None]
     size_bytes: int
 
-    @property
-    def num_samples(self) -> int:
-        return len(self.keys)
-
     def to_json(self) -> dict[str, Any]:
         return {
-            "name": self.name,
-            "num_samples": self.num_samples,
-            "size_bytes": self.size_bytes,
-            "keys": list(self.keys),
-            "members": {
-                m: {
-                    "offset": self.offsets[:, c].tolist(),
-                    "size": self.sizes[:, c].tolist(),
-                }
-                for m, c in MEMBER_COLUMN.items()
-            },
+            **self._head_json(),
+            "members": members_to_json(self.offsets, self.sizes, MEMBER_COLUMN),
             "latent_shape": self.latent_shapes,
             "cond_shape": self.cond_shapes,
         }
@@ -101,12 +78,7 @@ class ShardInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ShardInfo:
         n = int(d["num_samples"])
-        offsets = np.full((n, len(MEMBERS)), -1, dtype=np.int64)
-        sizes = np.full((n, len(MEMBERS)), -1, dtype=np.int64)
-        for m, c in MEMBER_COLUMN.items():
-            if m in d["members"]:
-                offsets[:, c] = d["members"][m]["offset"]
-                sizes[:, c] = d["members"][m]["size"]
+        offsets, sizes = members_from_json(d, MEMBER_COLUMN, n)
         keys = list(d["keys"])
         if len(keys) != n:
             raise ValueError(f"index entry for shard {d['name']}: {len(keys)} keys for {n} samples")
@@ -122,8 +94,16 @@ class ShardInfo:
 
 
 @dataclass
-class DatasetIndex:
-    """Contents of ``index.json``: the shards in order plus dataset-wide shape facts."""
+class DatasetIndex(TarIndex):
+    """Contents of ``index.json``: the shards in order plus dataset-wide shape facts.
+
+    ``num_samples``, ``to_json``, ``save`` and ``load`` come from ``TarIndex`` (shared with the
+    media index); this class adds the shape facts and the ``lumos-features`` tag.
+    """
+
+    FORMAT = INDEX_FORMAT
+    VERSION = INDEX_VERSION
+    WRONG_FORMAT = "(format={format!r}, version={version!r})"
 
     shards: list[ShardInfo]
     storage_dtype: str
@@ -132,52 +112,24 @@ class DatasetIndex:
     cond_dim: int | None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def num_samples(self) -> int:
-        return sum(s.num_samples for s in self.shards)
-
-    def to_json(self) -> dict[str, Any]:
+    def _fields_json(self) -> dict[str, Any]:
         return {
-            "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
-            "num_samples": self.num_samples,
             "storage_dtype": self.storage_dtype,
             "latent_channels": self.latent_channels,
             "latent_rank": self.latent_rank,
             "cond_dim": self.cond_dim,
-            "extra": self.extra,
-            "shards": [s.to_json() for s in self.shards],
         }
 
-    def save(self, root: str | os.PathLike) -> Path:
-        path = Path(root) / INDEX_NAME
-        _atomic_write_bytes(path, json.dumps(self.to_json(), separators=(",", ":")).encode())
-        return path
-
     @classmethod
-    def load(cls, root: str | os.PathLike) -> DatasetIndex:
-        path = Path(root) / INDEX_NAME
-        with open(path, "rb") as f:
-            d = json.load(f)
-        if d.get("format") != INDEX_FORMAT or d.get("version") != INDEX_VERSION:
-            raise ValueError(
-                f"{path}: not a {INDEX_FORMAT} v{INDEX_VERSION} index "
-                f"(format={d.get('format')!r}, version={d.get('version')!r})"
-            )
-        shards = [ShardInfo.from_json(s) for s in d["shards"]]
-        index = cls(
-            shards=shards,
+    def _from_json(cls, d: dict[str, Any]) -> DatasetIndex:
+        return cls(
+            shards=[ShardInfo.from_json(s) for s in d["shards"]],
             storage_dtype=d["storage_dtype"],
             latent_channels=d.get("latent_channels"),
             latent_rank=d.get("latent_rank"),
             cond_dim=d.get("cond_dim"),
             extra=d.get("extra") or {},
         )
-        if index.num_samples != d["num_samples"]:
-            raise ValueError(
-                f"{path}: num_samples={d['num_samples']} but shards hold {index.num_samples}"
-            )
-        return index
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -192,20 +144,19 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _check_key(key: str) -> None:
-    # webdataset splits the member name at the first dot of the basename; "/" would create
-    # directories inside the tar and change the grouping.
-    if not key or "." in key or "/" in key or "\\" in key:
-        raise ValueError(f"sample key {key!r}: must be non-empty and contain no '.', '/' or '\\'")
-
-
-class FeatureShardWriter:
+class FeatureShardWriter(TarShardWriter):
     """Writes precomputed-feature samples into ``{prefix}-{i:06d}.tar`` shards + ``index.json``.
 
     Use as a context manager: on normal exit the last shard and the index are finalised; on an
     exception the shard in progress is deleted and no index is written (the completed shards
-    remain, but without ``index.json`` the directory is not a dataset).
+    remain, but without ``index.json`` the directory is not a dataset). The shard lifecycle is
+    ``TarShardWriter``'s (shared with ``MediaShardWriter``); this class checks and encodes the
+    feature members and tracks the dataset-wide shape facts.
     """
+
+    _NAME = "FeatureShardWriter"
+    _MEMBERS = MEMBERS
+    _COLUMNS = ("lat", "cond")
 
     def __init__(
         self,
@@ -217,60 +168,22 @@ class FeatureShardWriter:
         overwrite: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        if samples_per_shard < 1:
-            raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {STORAGE_DTYPES}")
-        if not prefix or "/" in prefix:
-            raise ValueError(f"prefix={prefix!r}: must be a non-empty file-name prefix")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if (self.out_dir / INDEX_NAME).exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.out_dir / INDEX_NAME} exists; pass overwrite=True to replace the dataset"
-            )
-        self.samples_per_shard = samples_per_shard
-        self.prefix = prefix
+        def check_options() -> None:
+            if storage_dtype not in STORAGE_DTYPES:
+                raise ValueError(f"storage_dtype={storage_dtype!r}: choose one of {STORAGE_DTYPES}")
+
+        super().__init__(
+            out_dir,
+            samples_per_shard=samples_per_shard,
+            prefix=prefix,
+            overwrite=overwrite,
+            extra=extra,
+            check_options=check_options,
+        )
         self.storage_dtype = np.dtype(storage_dtype)
-        self.extra = dict(extra or {})
-        self._shards: list[ShardInfo] = []
-        self._keys_seen: set[str] = set()
-        self._num_written = 0
         self._latent_channels: int | None = None
         self._latent_rank: int | None = None
         self._cond_dim: int | None = None
-        # Shard in progress.
-        self._file: io.BufferedWriter | None = None
-        self._tar: tarfile.TarFile | None = None
-        self._tmp_path: Path | None = None
-        self._cur: dict[str, list] | None = None
-        self._closed = False
-
-    @property
-    def num_samples(self) -> int:
-        return self._num_written
-
-    def _shard_name(self, i: int) -> str:
-        return f"{self.prefix}-{i:06d}.tar"
-
-    def _open_shard(self) -> None:
-        name = self._shard_name(len(self._shards))
-        self._tmp_path = self.out_dir / f".{name}.tmp-{os.getpid()}"
-        # Both stay open across write() calls; closed in _finish_shard / abort.
-        self._file = open(self._tmp_path, "wb")  # noqa: SIM115
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
-        self._cur = {"name": name, "keys": [], "offsets": [], "sizes": [], "lat": [], "cond": []}
-
-    def _add_member(self, name: str, data: bytes) -> tuple[int, int]:
-        assert self._tar is not None
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0  # byte-reproducible shards
-        info.mode = 0o644
-        info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
-        end = self._tar.offset
-        return end - _round_up(len(data), _BLOCK), len(data)
 
     def _storage(self, a: np.ndarray, what: str, key: str) -> np.ndarray:
         if a.dtype.kind not in "fiu":
@@ -296,12 +209,8 @@ class FeatureShardWriter:
         key: str | None = None,
     ) -> str:
         """Append one sample; returns its key (default: the running sample number)."""
-        if self._closed:
-            raise RuntimeError("FeatureShardWriter is closed")
-        key = f"{self._num_written:09d}" if key is None else str(key)
-        _check_key(key)
-        if key in self._keys_seen:
-            raise ValueError(f"sample key {key!r} written twice")
+        self._check_open()
+        key = self._sample_key(key)
         lat = _to_numpy(latent)
         cnd = _to_numpy(cond)
         if lat.ndim not in (3, 4):
@@ -339,70 +248,28 @@ class FeatureShardWriter:
         meta = dict(meta or {})
         meta.setdefault("key", key)
 
-        if self._tar is None:
-            self._open_shard()
-        assert self._cur is not None
-        offsets = [-1] * len(MEMBERS)
-        sizes = [-1] * len(MEMBERS)
-        for name, arr in members.items():
-            c = MEMBER_COLUMN[name]
-            offsets[c], sizes[c] = self._add_member(f"{key}.{name}", _npy_bytes(arr))
-        meta_bytes = json.dumps(meta, sort_keys=True).encode()
-        offsets[MEMBER_COLUMN[META]], sizes[MEMBER_COLUMN[META]] = self._add_member(
-            f"{key}.{META}", meta_bytes
-        )
-        self._cur["keys"].append(key)
-        self._cur["offsets"].append(offsets)
-        self._cur["sizes"].append(sizes)
-        self._cur["lat"].append(list(lat.shape))
-        self._cur["cond"].append(list(cnd.shape))
-        self._keys_seen.add(key)
-        self._num_written += 1
-        if len(self._cur["keys"]) >= self.samples_per_shard:
-            self._finish_shard()
+        def encoded():  # lazily, so each member's bytes are made just before it is added
+            for name, arr in members.items():
+                yield MEMBER_COLUMN[name], f"{key}.{name}", _npy_bytes(arr)
+            yield MEMBER_COLUMN[META], f"{key}.{META}", json.dumps(meta, sort_keys=True).encode()
+
+        offsets, sizes = self._write_members(encoded())
+        self._append(key, offsets, sizes, lat=list(lat.shape), cond=list(cnd.shape))
         return key
 
-    def _finish_shard(self) -> None:
-        assert self._tar is not None and self._file is not None and self._cur is not None
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        size = self._file.tell()
-        self._file.close()
-        final = self.out_dir / self._cur["name"]
-        os.replace(self._tmp_path, final)
-        self._shards.append(
-            ShardInfo(
-                name=self._cur["name"],
-                keys=self._cur["keys"],
-                offsets=np.asarray(self._cur["offsets"], dtype=np.int64),
-                sizes=np.asarray(self._cur["sizes"], dtype=np.int64),
-                latent_shapes=self._cur["lat"],
-                cond_shapes=self._cur["cond"],
-                size_bytes=size,
-            )
+    def _shard_info(self, name: str, cur: dict[str, Any], size_bytes: int) -> ShardInfo:
+        return ShardInfo(
+            name=name,
+            keys=cur["keys"],
+            offsets=np.asarray(cur["offsets"], dtype=np.int64),
+            sizes=np.asarray(cur["sizes"], dtype=np.int64),
+            latent_shapes=cur["lat"],
+            cond_shapes=cur["cond"],
+            size_bytes=size_bytes,
         )
-        self._tar = self._file = self._tmp_path = self._cur = None
 
-    def abort(self) -> None:
-        """Drop the shard in progress (its temporary file) and write no index."""
-        if self._file is not None:
-            self._file.close()
-        if self._tmp_path is not None and self._tmp_path.exists():
-            self._tmp_path.unlink()
-        self._tar = self._file = self._tmp_path = self._cur = None
-        self._closed = True
-
-    def close(self) -> Path:
-        """Finalise the last shard and write ``index.json``; returns the index path."""
-        if self._closed:
-            raise RuntimeError("FeatureShardWriter is closed")
-        if self._tar is not None:
-            self._finish_shard()
-        if not self._shards:
-            self.abort()
-            raise ValueError(f"{self.out_dir}: no samples were written; not writing an index")
-        index = DatasetIndex(
+    def _index(self) -> DatasetIndex:
+        return DatasetIndex(
             shards=self._shards,
             storage_dtype=str(self.storage_dtype),
             latent_channels=self._latent_channels,
@@ -410,17 +277,6 @@ class FeatureShardWriter:
             cond_dim=self._cond_dim,
             extra=self.extra,
         )
-        self._closed = True
-        return index.save(self.out_dir)
-
-    def __enter__(self) -> FeatureShardWriter:
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif not self._closed:
-            self.close()
 
 
 def _npy_header_shape(f: io.BufferedReader, offset: int) -> tuple[list[int] | None, str | None]:
@@ -453,28 +309,17 @@ def build_index(
     A truncated tar is indexed up to its last readable header.
     """
     root = Path(root)
-    tars = sorted(p for p in root.glob(pattern) if p.is_file() and not p.name.startswith("."))
-    if not tars:
-        raise FileNotFoundError(f"{root}: no shards matching {pattern!r}")
+    tars = list_shards(root, pattern)
     shards: list[ShardInfo] = []
     dtypes: list[str] = []
     for path in tars:
         groups: dict[str, list[list[int]]] = {}
-        try:
-            with tarfile.open(path, mode="r:") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    head, _, base = m.name.rpartition("/")
-                    stem, dot, suffix = base.partition(".")
-                    if not dot or suffix not in MEMBER_COLUMN:
-                        continue
-                    key = f"{head}/{stem}" if head else stem
-                    g = groups.setdefault(key, [[-1] * len(MEMBERS), [-1] * len(MEMBERS)])
-                    g[0][MEMBER_COLUMN[suffix]] = m.offset_data
-                    g[1][MEMBER_COLUMN[suffix]] = m.size
-        except tarfile.ReadError:
-            pass  # truncated or corrupt tail: keep what was indexed; reads report the damage
+        for key, suffix, m in scan_tar(path):  # a truncated tail ends the scan
+            if suffix not in MEMBER_COLUMN:
+                continue
+            g = groups.setdefault(key, [[-1] * len(MEMBERS), [-1] * len(MEMBERS)])
+            g[0][MEMBER_COLUMN[suffix]] = m.offset_data
+            g[1][MEMBER_COLUMN[suffix]] = m.size
         if not groups:
             continue
         keys = list(groups)

@@ -131,59 +131,76 @@ def _normalize(pixels, layout: str):
     )
 
 
-def _image_pipeline(batch: int, threads: int, device: str, device_id: int | None):
-    from nvidia.dali import fn, pipeline_def, types
+def _pipeline_def(batch: int, threads: int, device_id: int | None):
+    """``pipeline_def`` with the settings both pipelines share: one micro-batch per run,
+    dynamic executor, no prefetching ahead of the caller."""
+    from nvidia.dali import pipeline_def
 
-    @pipeline_def(
+    return pipeline_def(
         batch_size=batch,
         num_threads=threads,
         device_id=device_id,
         exec_dynamic=True,
         prefetch_queue_depth=1,
     )
+
+
+def _crop_inputs():
+    """The per-sample crop region and output size, fed by name in ``DaliDecoder._run``."""
+    from nvidia.dali import fn, types
+
+    roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
+    roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
+    size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+    return roi_start, roi_end, size
+
+
+def _crop_resize_normalize(pixels, crop, layout: str):
+    """Crop ``crop``'s region, resize it to its size (antialiased bilinear), scale to [-1, 1]
+    and lay channels out as ``layout``: the same for image [H, W, 3] and video [F, H, W, 3]."""
+    from nvidia.dali import fn, types
+
+    roi_start, roi_end, size = crop
+    out = fn.resize(
+        pixels,
+        size=size,
+        roi_start=roi_start,
+        roi_end=roi_end,
+        roi_relative=False,
+        interp_type=types.INTERP_LINEAR,
+        antialias=True,
+        dtype=types.FLOAT,
+    )  # [(F,) H', W', 3]
+    return _normalize(out, layout)
+
+
+def _image_pipeline(batch: int, threads: int, device: str, device_id: int | None):
+    from nvidia.dali import fn, types
+
+    @_pipeline_def(batch, threads, device_id)
     def pipe():
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
-        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
-        size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+        crop = _crop_inputs()
         shape = fn.peek_image_shape(enc)  # [H, W, C] from the header, on CPU
         img = fn.decoders.image(
             enc, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
         )  # [H, W, 3] uint8
-        out = fn.resize(
-            img,
-            size=size,
-            roi_start=roi_start,
-            roi_end=roi_end,
-            roi_relative=False,
-            interp_type=types.INTERP_LINEAR,
-            antialias=True,
-            dtype=types.FLOAT,
-        )  # [H', W', 3]
-        out = _normalize(out, "CHW")  # [3, H', W']
+        out = _crop_resize_normalize(img, crop, "CHW")  # [3, H', W']
         return out, shape
 
     return pipe()
 
 
 def _video_pipeline(batch: int, threads: int, device: str, device_id: int | None):
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
-    @pipeline_def(
-        batch_size=batch,
-        num_threads=threads,
-        device_id=device_id,
-        exec_dynamic=True,
-        prefetch_queue_depth=1,
-    )
+    @_pipeline_def(batch, threads, device_id)
     def pipe():
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
         start = fn.external_source(name="start", dtype=types.INT32, ndim=0)
         count = fn.external_source(name="count", dtype=types.INT32, ndim=0)
         stride = fn.external_source(name="stride", dtype=types.INT32, ndim=0)
-        roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
-        roi_end = fn.external_source(name="roi_end", dtype=types.FLOAT, ndim=1)
-        size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+        crop = _crop_inputs()
         # pad_mode="none": a clip that ends early comes back short (checked by the caller)
         # instead of silently padded with black frames.
         frames = fn.decoders.video(
@@ -195,17 +212,7 @@ def _video_pipeline(batch: int, threads: int, device: str, device_id: int | None
             pad_mode="none",
         )  # [F, H, W, 3] uint8
         shape = frames.shape()  # [F, H, W, 3], on CPU for either device
-        out = fn.resize(
-            frames,
-            size=size,
-            roi_start=roi_start,
-            roi_end=roi_end,
-            roi_relative=False,
-            interp_type=types.INTERP_LINEAR,
-            antialias=True,
-            dtype=types.FLOAT,
-        )  # [F, H', W', 3]
-        out = _normalize(out, "CFHW")  # [3, F, H', W']
+        out = _crop_resize_normalize(frames, crop, "CFHW")  # [3, F, H', W']
         return out, shape
 
     return pipe()

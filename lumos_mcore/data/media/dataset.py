@@ -25,11 +25,9 @@ reason is logged; a shard whose bad samples exceed ``media.max_bad_fraction`` ra
 from __future__ import annotations
 
 import collections
-import contextlib
 import json
 import logging
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -41,6 +39,7 @@ from lumos_mcore.data.media.buckets import Bucket, BucketSpec, clip_span, clip_s
 from lumos_mcore.data.media.decode import DecodeError, DecodeRequest, MediaDecoder
 from lumos_mcore.data.media.shards import CAPTION, MEDIA, MEMBER_COLUMN, META, MediaIndex
 from lumos_mcore.data.sampler import MicroBatchIterator
+from lumos_mcore.data.shard_files import ShardFiles
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +55,15 @@ MEDIA_BAD_REASONS = (
     "too_small",
     "bad_meta",
 )
-_MAX_OPEN_PER_THREAD = 16
 _FACT_REASONS = {1: "too_small", 2: "too_short", 3: "undecodable"}
 
 
-class MediaDataset:
+class MediaDataset(ShardFiles):
     """Random access to planned samples by (virtual) index; ``collate`` decodes micro-batches.
 
     Attributes the trainer uses: ``shard_sizes`` (the sampler's units), ``bad_counts`` /
     ``num_bad`` (per rank, for logging), ``decoder.routes`` (samples per kind/codec/decoder).
+    Shard files are cached per thread by ``ShardFiles`` (shared with ``FeatureDataset``).
     """
 
     def __init__(self, cfg: MediaDataConfig, *, decoder: MediaDecoder | None = None) -> None:
@@ -107,10 +106,7 @@ class MediaDataset:
             collections.Counter
         )
         self._logged: set[str] = set()
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._generation = 0
-        self._all_fds: set[int] = set()
+        self._init_runtime()
 
         # ---- facts -> bucket or reason, decided once for the whole index ----
         other = (kinds != cfg.modality) & (kinds != "")
@@ -199,39 +195,6 @@ class MediaDataset:
         except FileNotFoundError:
             raise FileNotFoundError(f"media shard {path} listed in index.json is missing") from None
 
-    def _fd(self, shard: int) -> int:
-        loc = self._local
-        if getattr(loc, "generation", None) != self._generation:
-            loc.fds = collections.OrderedDict()
-            loc.generation = self._generation
-        fd = loc.fds.get(shard)
-        if fd is not None:
-            loc.fds.move_to_end(shard)
-            return fd
-        fd = os.open(self.shard_paths[shard], os.O_RDONLY)
-        with self._lock:
-            self._all_fds.add(fd)
-        loc.fds[shard] = fd
-        if len(loc.fds) > _MAX_OPEN_PER_THREAD:
-            _, old = loc.fds.popitem(last=False)
-            with self._lock:
-                self._all_fds.discard(old)
-            os.close(old)
-        return fd
-
-    def close(self) -> None:
-        """Close the shard files (reads reopen them)."""
-        with self._lock:
-            fds, self._all_fds = self._all_fds, set()
-            self._generation += 1
-        for fd in fds:
-            os.close(fd)
-
-    def __del__(self) -> None:
-        for fd in getattr(self, "_all_fds", ()):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
     # ---- bookkeeping ----
     def __len__(self) -> int:
         return len(self._virt)
@@ -292,23 +255,16 @@ class MediaDataset:
             )
 
     # ---- planning (cheap: one pread, no decoding) ----
-    def _read(self, phys: int) -> dict[str, bytes]:
+    def _read(self, phys: int) -> dict[str, memoryview]:
+        shard = int(self._phys_shard[phys])
+
+        def fail(reason: str, detail: str) -> BadSampleError:
+            return BadSampleError(
+                reason, self._keys[phys].decode(), self.shard_paths[shard], detail
+            )
+
         offs, sizes = self._offsets[phys].tolist(), self._sizes[phys].tolist()
-        present = [(m, offs[c], sizes[c]) for m, c in MEMBER_COLUMN.items() if offs[c] >= 0]
-        lo = min(o for _, o, _ in present)
-        hi = max(o + s for _, o, s in present)
-        fd = self._fd(int(self._phys_shard[phys]))
-        span = memoryview(os.pread(fd, hi - lo, lo))
-        out = {m: span[o - lo : o - lo + s] for m, o, s in present}
-        for m, _, s in present:
-            if len(out[m]) != s:
-                raise BadSampleError(
-                    "truncated",
-                    self._keys[phys].decode(),
-                    self.shard_paths[int(self._phys_shard[phys])],
-                    f"{m}: read {len(out[m])} of {s} bytes",
-                )
-        return out
+        return self._pread_members(shard, offs, sizes, MEMBER_COLUMN, fail)  # always one pread
 
     def plan(self, index: int, bucket: Bucket | None = None) -> dict[str, Any]:
         """Read sample ``index`` and fix its geometry; raises ``BadSampleError`` (not counted)."""
