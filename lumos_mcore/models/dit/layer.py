@@ -35,6 +35,8 @@ gradients, on the plain and the recomputed paths alike. ``LumosDiT`` is the only
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +126,22 @@ def gated_residual(
     if index is None:
         return ops.gated_residual(x, out, gate, bias)  # [s, b, h]
     return x + gate_rows(_add_bias(out, bias), gate, index)  # [s, b, h]
+
+
+@contextlib.contextmanager
+def init_rng(key: int) -> Iterator[None]:
+    """Seed parameter initialisation by a stable ``key`` (e.g. the global layer number).
+
+    A pipeline stage builds only its own layers; drawing their initial weights from one running
+    CPU generator would make layer ``k``'s weights depend on how many layers the stage built
+    before it, i.e. on the pipeline layout. Inside this block the generator is seeded from the
+    run's seed (``torch.initial_seed()``, set by ``build_model``) and ``key``; the outer
+    generator's state is restored afterwards.
+    """
+    seed = (torch.initial_seed() + 1_000_003 * (key + 1)) % (2**63)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def mark_sequence_parallel(module: nn.Module, config: TransformerConfig) -> None:
@@ -251,6 +269,10 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         if isinstance(cp_comm_type, list):  # one entry per layer
             cp_comm_type = cp_comm_type[self.layer_number - 1]
         extra["cp_comm_type"] = cp_comm_type
+        with init_rng(self.layer_number):  # the layer's weights do not depend on the layout
+            self._build(config, submodules, layer_number, extra, zero_init_cross_proj)
+
+    def _build(self, config, submodules, layer_number, extra, zero_init_cross_proj) -> None:
         h, eps = config.hidden_size, config.layernorm_epsilon
         self.adaln = build_module(submodules.adaln, config=config)
         self.norm1 = build_module(submodules.norm1, config=config, hidden_size=h, eps=eps)

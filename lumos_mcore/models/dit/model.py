@@ -27,7 +27,8 @@ Pipeline parallelism: the patch embedder lives on the first stage and the final 
 last; the timestep / condition / camera embedders are tiny and are *replicated on every stage*
 (each stage needs ``c`` and ``context``). Their params carry ``pipeline_parallel=True`` and
 ``config.has_cond_embedder`` is set, so megatron's ``finalize_model_grads`` all-reduces their
-grads over the pipeline group and the replicas never drift.
+grads over the pipeline group and the replicas never drift; the copies past the first stage
+carry ``shared=True`` so the gradient norm (clipping) counts each of them once.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from lumos_mcore.models.common.embeddings import (
     unpatchify_video,
 )
 from lumos_mcore.models.common.rope import rope_freqs
-from lumos_mcore.models.dit.layer import mark_sequence_parallel
+from lumos_mcore.models.dit.layer import init_rng, mark_sequence_parallel
 from lumos_mcore.models.dit.layer_spec import get_lumos_layer_spec, use_te_spec
 from lumos_mcore.models.dit.layout import Segment, SequenceLayout
 
@@ -172,7 +173,47 @@ class LumosDiT(MegatronModule):
         if self.cp_mode == "auto":
             self.cp_mode = "zigzag" if te else "contiguous"
 
-        # Embedders replicated on every pipeline stage.
+        # Embedders replicated on every pipeline stage (and on every virtual stage of a rank):
+        # seeded alike so all replicas start equal (finalize_model_grads keeps them equal).
+        with init_rng(0):
+            replicated, sp_partial = self._build_replicated(config, model_cfg)
+
+        if pre_process:
+            with init_rng(-1):
+                self.x_embedder = PatchEmbed(p, model_cfg.model_in_channels, d)
+                self.x_embedder.initialize_weights()
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=spec or get_lumos_layer_spec(model_cfg),
+            post_layer_norm=False,
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            with init_rng(config.num_layers + 1):  # same weights at every pipeline layout
+                self.final_layer = FinalLayer(d, p, self.out_channels, eps=model_cfg.norm_eps)
+            sp_partial.append(self.final_layer)
+
+        self._replicated_prefixes = tuple(
+            name + "." for name, m in self.named_children() if any(m is r for r in replicated)
+        )
+        for module in replicated:
+            for param in module.parameters():
+                param.pipeline_parallel = True
+                # After finalize_model_grads every replica holds the full gradient; megatron's
+                # grad norm (clipping) and zero count skip ``shared`` params, so only the first
+                # stage's copy counts -- as megatron marks its duplicated word embeddings.
+                param.shared = not pre_process
+        for module in sp_partial:
+            mark_sequence_parallel(module, config)
+        self.to(config.params_dtype)
+        self._pos_cache: dict[tuple, Tensor] = {}
+
+    def _build_replicated(self, config: TransformerConfig, model_cfg: ModelConfig):
+        """Timestep / condition (/ size, camera, adaLN-single) embedders of every stage;
+        returns ``(replicated, sp_partial)`` module lists."""
+        d = config.hidden_size
         self.t_embedder = TimestepEmbedder(d)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -195,32 +236,7 @@ class LumosDiT(MegatronModule):
             nn.init.zeros_(self.t_block[1].bias)
             replicated.append(self.t_block)
             sp_partial.append(self.t_block)
-
-        if pre_process:
-            self.x_embedder = PatchEmbed(p, model_cfg.model_in_channels, d)
-            self.x_embedder.initialize_weights()
-        self.decoder = TransformerBlock(
-            config=config,
-            spec=spec or get_lumos_layer_spec(model_cfg),
-            post_layer_norm=False,
-            pre_process=pre_process,
-            post_process=post_process,
-            vp_stage=vp_stage,
-        )
-        if post_process:
-            self.final_layer = FinalLayer(d, p, self.out_channels, eps=model_cfg.norm_eps)
-            sp_partial.append(self.final_layer)
-
-        self._replicated_prefixes = tuple(
-            name + "." for name, m in self.named_children() if any(m is r for r in replicated)
-        )
-        for module in replicated:
-            for param in module.parameters():
-                param.pipeline_parallel = True
-        for module in sp_partial:
-            mark_sequence_parallel(module, config)
-        self.to(config.params_dtype)
-        self._pos_cache: dict[tuple, Tensor] = {}
+        return replicated, sp_partial
 
     # -- pipeline plumbing ------------------------------------------------------------------
     def set_input_tensor(self, input_tensor: Tensor | list[Tensor] | None) -> None:
