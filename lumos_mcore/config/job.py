@@ -9,7 +9,12 @@ from lumos_mcore.config.diffusion import DiffusionConfig
 from lumos_mcore.config.media import MediaDataConfig
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
-from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
+from lumos_mcore.config.train import (
+    CheckpointConfig,
+    OptimConfig,
+    TrainConfig,
+    ValidationConfig,
+)
 
 
 @dataclass
@@ -24,6 +29,7 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.media is None):
@@ -34,11 +40,30 @@ class JobConfig:
             )
         if self.media is not None:
             self.media.encoders.check_complete()
+        if self.data is not None and self.data.pack and self.train.micro_batch_size != 1:
+            raise ValueError(
+                f"train.micro_batch_size={self.train.micro_batch_size}: must be 1 with "
+                "data.pack=true (one pack per micro-batch; train.global_batch_size counts samples)"
+            )
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but "
                 f"diffusion.learn_sigma={self.diffusion.learn_sigma}: set both the same (the "
                 "model outputs the variance channels the objective trains)"
+            )
+
+        v = self.validation
+        if v.interval and v.path is None and self.media is not None:
+            raise ValueError(
+                f"validation.interval={v.interval}: a raw-media job needs validation.path (held-out "
+                "feature shards, e.g. from tools/encode_features.py)"
+            )
+        flow_sampler = v.grid_sampler == "euler"
+        if v.grid_sampler is not None and flow_sampler != (self.diffusion.objective == "flow"):
+            raise ValueError(
+                f"validation.grid_sampler={v.grid_sampler!r} does not fit "
+                f"diffusion.objective={self.diffusion.objective!r} (euler is the flow sampler; "
+                "ddpm / dpm++2m sample the ddpm objective)"
             )
 
     @property

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 LR_STYLES = ("constant", "linear", "cosine")
+GRID_SAMPLERS = ("ddpm", "dpm++2m", "euler")
 
 
 @dataclass
@@ -53,8 +55,13 @@ class TrainConfig:
     log_interval: int = 10
     output_dir: str = "runs/lumos"
     tensorboard: bool = True
+    # MFU denominator per rank in TFLOP/s; None = the GPU's spec peak (bf16 dense) on CUDA, a
+    # matmul probe measured once at start-up on CPU (as tools/benchmark_throughput.py does).
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"train.peak_tflops={self.peak_tflops}: must be positive or None")
         for flag in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, flag) <= 0:
                 raise ValueError(f"train.{flag}={getattr(self, flag)}: must be positive")
@@ -86,9 +93,69 @@ class CheckpointConfig:
     resume: bool = True
     keep_last: int = 2  # 0 keeps all
     load: str | None = None  # explicit checkpoint folder to start from (weights + state)
+    # Weights-only start (progressive stages 256 -> 512 -> 1024): a previous stage's megatron
+    # checkpoint folder or checkpoint root (full training or weights-only export). Only the
+    # weights (and EMA) are read; optimizer, lr schedule and step start fresh. This run's own
+    # checkpoints take precedence on resubmission.
+    init_from: str | None = None
+    init_strict: bool = True  # False: skip missing / unexpected / shape-mismatched keys, report
+    init_from_ema: bool = False  # start the model from the source's EMA weights
 
     def __post_init__(self) -> None:
         if self.save_interval <= 0:
             raise ValueError(f"checkpoint.save_interval={self.save_interval}: must be positive")
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={self.keep_last}: must be >= 0")
+        if self.init_from is not None and self.load is not None:
+            raise ValueError(
+                f"checkpoint.init_from={self.init_from}: give either checkpoint.load (resume the "
+                f"full training state of {self.load}) or checkpoint.init_from (weights only), "
+                "not both"
+            )
+        if self.init_from is not None and not self.init_from:
+            raise ValueError("checkpoint.init_from='': give a checkpoint folder or root, or null")
+
+
+@dataclass
+class ValidationConfig:
+    """Periodic validation: held-out loss (fixed noise/timesteps) and a sample grid.
+
+    The held-out set is ``validation.path`` (precomputed feature shards with an ``index.json``,
+    e.g. held-out media encoded by ``tools/encode_features.py``). Without it the first
+    ``num_samples`` samples of ``data.path`` in index order are used, which are *not* held out
+    (a warning says so); raw-media jobs need ``validation.path``.
+    """
+
+    interval: int = 0  # steps between validations; 0 = off
+    path: str | None = None  # held-out feature shards (index.json); None = training subset
+    num_samples: int = 32  # held-out samples per validation (all DP ranks together)
+    seed: int = 0  # seeds the fixed noise / timesteps of every held-out sample
+    ema: bool = True  # with EMA weights: also log val/loss_ema and sample with the EMA weights
+    grid_samples: int = 4  # images (videos: frame strips) in val/samples; 0 = no grid
+    grid_steps: int = 20  # sampler steps of the grid
+    grid_sampler: str | None = None  # None = dpm++2m (ddpm objective) / euler (flow)
+    grid_cfg_scale: float = 4.0  # classifier-free guidance of the grid; 1 = off
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"validation.interval={self.interval}: must be >= 0 (0 = off)")
+        if self.num_samples < 1:
+            raise ValueError(f"validation.num_samples={self.num_samples}: must be >= 1")
+        if self.seed < 0:
+            raise ValueError(f"validation.seed={self.seed}: must be >= 0")
+        if self.grid_samples < 0:
+            raise ValueError(f"validation.grid_samples={self.grid_samples}: must be >= 0")
+        if self.grid_steps < 1:
+            raise ValueError(f"validation.grid_steps={self.grid_steps}: must be >= 1")
+        if self.grid_sampler is not None and self.grid_sampler not in GRID_SAMPLERS:
+            raise ValueError(
+                f"validation.grid_sampler={self.grid_sampler!r}: choose one of "
+                f"{', '.join(GRID_SAMPLERS)} (or leave unset)"
+            )
+        if self.grid_cfg_scale < 1.0:
+            raise ValueError(f"validation.grid_cfg_scale={self.grid_cfg_scale}: must be >= 1")
+        if self.path is not None and not (Path(self.path) / "index.json").is_file():
+            raise ValueError(
+                f"validation.path={self.path}: no index.json found; point it at held-out "
+                "feature shards (tools/encode_features.py, tools/make_synthetic_shards.py)"
+            )

@@ -310,6 +310,18 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         """Packs of each DP rank in the step being (or about to be) consumed."""
         return self.micro_batches_at(self._consumed)
 
+    def step_sample_sizes(self, batch_start: int) -> list[tuple[int, int]]:
+        """``(tokens, frames)`` of every planned sample of the global batch at ``batch_start``
+        (all DP ranks): the trainer's tokens/s and FLOP count of a packed step."""
+        sizes = []
+        for rank in self.plan(batch_start).packs:
+            for pack in rank:
+                for _, index in pack:
+                    shape = self.dataset.latent_shape(index) or ()
+                    frames = shape[1] if len(shape) == 4 else 1  # [C, T, H, W] | [C, H, W]
+                    sizes.append((int(self._tokens[index]), int(frames)))
+        return sizes
+
     def rank_tokens(self, batch_start: int) -> list[int]:
         """Planned tokens per DP rank in the global batch at ``batch_start`` (for balance checks)."""
         plan = self.plan(batch_start)

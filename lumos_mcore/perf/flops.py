@@ -12,6 +12,7 @@ Forward FLOPs of one transformer block, hidden ``D``, MLP ratio ``r``, ``Lc`` co
     cross-attention             Q + out         4·L·D²
                                 QKᵀ + AV        4·L·Lc·D
                                 K/V of the cond 4·Lc·D²
+                                (one token, as executed: K/V 4·D² + out of one row 2·D²)
     MLP                                         4·r·L·D²      (16·L·D² at r = 4)
     adaLN-Zero (per block)      Linear(D, 6D)   12·D²         (adaLN-single: once per model)
 
@@ -40,6 +41,7 @@ __all__ = [
     "FlopCount",
     "RECOMPUTE_MODES",
     "count_flops",
+    "count_model_flops",
     "pixart_shape",
 ]
 
@@ -165,10 +167,15 @@ def count_flops(
     attention: str = "full",
     recompute: str = "none",
     cond_tokens: int | None = None,
+    single_token_cross: bool = False,
 ) -> FlopCount:
     """FLOPs of one sample of ``tokens`` image/video tokens (all frames) through ``shape``.
 
     ``cond_tokens`` overrides ``shape.cond_tokens`` (e.g. the real length of a padded caption).
+    ``single_token_cross``: count the cross-attention as our DiT runs it for one condition token
+    (``models/dit/cross_attention.py``): K/V of the token and the out-projection of one row per
+    sample, ``4·D² + 2·D²``, instead of ``4·L·D² + 4·L·D + 4·D²`` -- the work that is executed,
+    so that MFU does not credit skipped work.
     """
     if tokens < 1:
         raise ValueError(f"tokens={tokens}: must be >= 1")
@@ -192,6 +199,8 @@ def count_flops(
         linear += 8.0 * big_l * d * d
     cross_core = 4.0 * big_l * lc * d
     cross_proj = 4.0 * big_l * d * d + 4.0 * lc * d * d
+    if single_token_cross and lc == 1:
+        cross_core, cross_proj = 0.0, 4.0 * d * d + 2.0 * d * d
     adaln_block = 12.0 * d * d if shape.adaln_type == "zero" else 0.0
 
     f = float(shape.frequency_embedding_size)
@@ -218,4 +227,22 @@ def count_flops(
         embed=embed,
         final=final,
         recompute=recompute,
+    )
+
+
+def count_model_flops(cfg, *, recompute: str | None = None) -> FlopCount:
+    """FLOPs of one training sample of the model a ``ModelConfig`` describes.
+
+    The one place that maps a model config to :func:`count_flops` (token count, frames, video
+    attention mode, recompute), shared by the trainer's MFU and the throughput benchmark.
+    ``recompute`` defaults to ``cfg.recompute``. One condition token counts the executed
+    single-token cross-attention (see :func:`count_flops`).
+    """
+    return count_flops(
+        DiTShape.from_model_config(cfg),
+        cfg.num_tokens,
+        frames=getattr(cfg, "num_frames", 1),
+        attention="spatial_temporal" if getattr(cfg, "temporal_attention", False) else "full",
+        recompute=recompute if recompute is not None else cfg.recompute,
+        single_token_cross=True,
     )

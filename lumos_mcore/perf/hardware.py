@@ -29,6 +29,7 @@ __all__ = [
     "device_name",
     "gpu_peak",
     "measure_matmul_flops",
+    "rank_peak",
 ]
 
 # Dense (no sparsity) peak TFLOP/s by device-name fragment, per dtype.
@@ -71,6 +72,38 @@ def gpu_peak(name: str, dtype: str = "bf16") -> PeakSpec | None:
         if fragment in name and dtype in table:
             return PeakSpec(table[dtype], f"spec: {fragment} {dtype} dense")
     return None
+
+
+def rank_peak(
+    *,
+    hidden_size: int,
+    rows: int = 4096,
+    mlp_ratio: float = 4.0,
+    given_tflops: float | None = None,
+    dtype: str = "bf16",
+    probe_seconds: float = 0.05,
+) -> PeakSpec:
+    """The MFU denominator of this rank: ``given_tflops``, else the GPU's spec peak, else (CPU,
+    unknown GPU) the best of a square GEMM and the model's MLP GEMM ``[rows, D] @ [D, r*D]``
+    measured now (a few tenths of a second; call once at start-up)."""
+    if given_tflops:
+        return PeakSpec(float(given_tflops), "given")
+    if torch.cuda.is_available():
+        spec = gpu_peak(torch.cuda.get_device_name(), dtype)
+        if spec is not None:
+            return spec
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    )
+    kind = torch.bfloat16 if device is not None else torch.float32
+    shapes = [
+        (1024, 1024, 1024),
+        (max(256, min(rows, 8192)), hidden_size, int(mlp_ratio * hidden_size)),
+    ]
+    best, _ = measure_matmul_flops(
+        shapes, dtype=kind, device=device or "cpu", repeats=3, min_time=probe_seconds
+    )
+    return PeakSpec(best / 1e12, f"measured {'bf16' if device is not None else 'fp32'} matmul")
 
 
 def _sync(device: torch.device) -> None:

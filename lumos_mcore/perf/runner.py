@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from lumos_mcore.perf.flops import DiTShape, count_flops, pixart_shape
+from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops, pixart_shape
 from lumos_mcore.perf.hardware import (
     CommTimer,
     MemorySampler,
@@ -196,13 +196,7 @@ def _tokens(spec: BenchmarkSpec, mcfg) -> int:
 
 
 def _flop_count(spec: BenchmarkSpec, mcfg):
-    return count_flops(
-        DiTShape.from_model_config(mcfg),
-        _tokens(spec, mcfg),
-        frames=getattr(mcfg, "num_frames", 1),
-        attention="spatial_temporal" if getattr(mcfg, "temporal_attention", False) else "full",
-        recompute=spec.recompute,
-    )
+    return count_model_flops(mcfg, recompute=spec.recompute)
 
 
 # ---- synthetic data ---------------------------------------------------------------------------
@@ -292,7 +286,12 @@ def _run_one(spec: BenchmarkSpec) -> dict[str, Any]:
     from lumos_mcore.config.train import OptimConfig
     from lumos_mcore.diffusion.objective import build_objective
     from lumos_mcore.parallel.state import initialize_parallel
-    from lumos_mcore.training.setup import build_model, build_optimizer, use_bf16
+    from lumos_mcore.training.setup import (
+        build_model,
+        build_optimizer,
+        select_kernels,
+        use_bf16,
+    )
     from lumos_mcore.training.step import DiffusionForwardStep
 
     mcfg = model_config_for(spec)
@@ -308,6 +307,7 @@ def _run_one(spec: BenchmarkSpec) -> dict[str, Any]:
         seq_len=tokens,
     )
     chunks, _ = build_model(mcfg, pcfg, seed=spec.seed)
+    select_kernels(mcfg, pcfg, spec.micro_batch_size)  # CUDA: Triton or torch, as in training
     optimizer, _ = build_optimizer(
         chunks,
         OptimConfig(warmup_steps=0),

@@ -18,6 +18,7 @@ the config) and each rank's RNG states (restored when the world size is unchange
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from torch import nn
 
 from lumos_mcore.training.compat import apply_optimizer_checkpoint_fix
@@ -212,7 +213,8 @@ class Checkpointer:
         path = Path(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
         if common["train_state"].get("weights_only"):
-            return self._load_weights_only(path, common, chunks, ema, optimizer)
+            state, _ = self.load_weights(path, chunks, optimizer, ema, strict=True)
+            return state
         state = _model_sharded_state_dict(chunks)
         if optimizer is not None:
             apply_optimizer_checkpoint_fix()
@@ -245,29 +247,171 @@ class Checkpointer:
             torch.cuda.synchronize()
         return common["train_state"]
 
-    def _load_weights_only(
-        self, path: Path, common: dict, chunks, ema: EMA | None, optimizer=None
-    ) -> dict:
-        """A converted / exported checkpoint: weights (and EMA if stored); training starts fresh."""
-        state = _model_sharded_state_dict(chunks)
-        has_ema = bool(common["train_state"].get("has_ema"))
-        if ema is not None and has_ema:
-            state["ema"] = ema.sharded_state_dict(chunks)
-        loaded = dist_checkpointing.load(state, str(path))
+    def load_weights(
+        self,
+        path: str | os.PathLike,
+        chunks: list[nn.Module],
+        optimizer=None,
+        ema: EMA | None = None,
+        *,
+        strict: bool = True,
+        from_ema: bool = False,
+    ) -> tuple[dict[str, Any], WeightsReport]:
+        """Weights only (a converted export, or a previous stage's training checkpoint): the
+        optimizer state, lr schedule, step and RNG are not read, so training starts fresh.
+
+        ``path`` is a checkpoint folder or a checkpoint root (its newest complete checkpoint).
+        Keys are matched by global sharded key and global shape, so any saved TP / PP layout
+        loads. ``strict``: a model key missing from the checkpoint, a stored weight the model
+        has no slot for, or a shape mismatch raises ``ValueError`` naming the keys; otherwise
+        those keys are skipped (missing ones keep their initialisation) and reported.
+        ``from_ema`` starts the model from the stored EMA weights. The EMA (if kept) takes the
+        stored EMA where there is one, else restarts from the loaded weights. Returns the
+        stored train state with ``step`` 0, and the report.
+        """
+        path = resolve_checkpoint(path)
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        stored = {
+            k: v
+            for k, v in dist_checkpointing.load_tensors_metadata(str(path)).items()
+            if isinstance(v, ShardedTensor)
+        }
+        has_ema = any(k.startswith(_EMA) for k in stored)
+        if from_ema and not has_ema:
+            raise ValueError(f"{path}: no EMA weights stored; drop checkpoint.init_from_ema")
+        prefix = _EMA if from_ema else ""
+        report = WeightsReport(str(path))
+        request: dict[str, Any] = {}
+        keep: list[set[str]] = []
         for i, chunk in enumerate(chunks):
-            key = "model" if len(chunks) == 1 else f"model{i}"
-            unwrap(chunk).load_state_dict(loaded[key], strict=True)
+            wanted, names = {}, set()
+            for name, sh in unwrap(chunk).sharded_state_dict().items():
+                if not isinstance(sh, ShardedTensor):
+                    continue  # extra state objects: not weights
+                key = prefix + sh.key
+                if key not in stored:
+                    report.missing.append(sh.key)
+                    continue
+                if tuple(stored[key].global_shape) != tuple(sh.global_shape):
+                    got = tuple(stored[key].global_shape)
+                    report.mismatched.append((sh.key, got, tuple(sh.global_shape)))
+                    continue
+                # fp32 buffers: EMA shadows are fp32 while bf16 runs hold bf16 weights
+                data = torch.empty(sh.local_shape, dtype=torch.float32, device=sh.data.device)
+                wanted[name] = dataclasses.replace(sh, key=key, data=data, dtype=torch.float32)
+                names.add(name)
+                report.loaded.append(sh.key)
+            request[f"chunk{i}"] = wanted
+            keep.append(names)
+        # Every rank judges the whole model (pipeline stages hold different keys), so all
+        # agree on strict failures and nothing owned by another stage counts as unexpected.
+        mine = (report.loaded, report.missing, report.mismatched)
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        report.loaded = [k for r in everyone for k in r[0]]
+        report.missing = [k for r in everyone for k in r[1]]
+        report.mismatched = sorted({tuple(m) for r in everyone for m in r[2]})
+        requested = set(report.loaded) | set(report.missing) | {k for k, *_ in report.mismatched}
+        report.unexpected = sorted(
+            k[len(prefix) :]
+            for k in stored
+            if k.startswith(prefix)
+            and not k.startswith(_NOT_WEIGHTS)
+            and (prefix or not k.startswith(_EMA))
+            and k[len(prefix) :] not in requested
+        )
+        report.missing, report.loaded = sorted(set(report.missing)), sorted(set(report.loaded))
+        if strict and not report.ok:
+            raise ValueError(
+                f"checkpoint {path} does not fit the model: {report.describe()}; set "
+                "checkpoint.init_strict=false to load the matching keys only"
+            )
+        loaded = dist_checkpointing.load(request, str(path))
+        with torch.no_grad():
+            for i, chunk in enumerate(chunks):
+                params = dict(unwrap(chunk).state_dict(keep_vars=True))
+                for name in keep[i]:
+                    params[name].copy_(loaded[f"chunk{i}"][name])
         if optimizer is not None and hasattr(optimizer, "reload_model_params"):
             # Mixed precision keeps fp32 main copies of the weights: refresh them, or the first
             # step would write the initial weights back (bf16 on GPU).
             optimizer.reload_model_params()
         if ema is not None:
-            if has_ema:
-                ema.load_state_dict(loaded["ema"])
-            else:
-                ema.reset(chunks)
-        log.info("loaded weights from %s (no optimizer state: training starts at step 0)", path)
-        return {**common["train_state"], "step": 0}
+            ema.reset(chunks)
+            if has_ema and not from_ema:
+                self._load_ema_where_stored(path, stored, chunks, ema, keep)
+        log.info(
+            "loaded weights from %s (no optimizer state: training starts at step 0)%s",
+            path,
+            "" if report.ok else f"; {report.describe()}",
+        )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return {**common["train_state"], "step": 0}, report
+
+    @staticmethod
+    def _load_ema_where_stored(path: Path, stored: dict, chunks, ema: EMA, keep) -> None:
+        """The stored EMA for the loaded weights that have one (others keep the reset)."""
+        request = {}
+        for i, chunk_sd in enumerate(ema.sharded_state_dict(chunks).values()):
+            request[f"chunk{i}"] = {
+                n: sh
+                for n, sh in chunk_sd.items()
+                if n in keep[i]
+                and sh.key in stored
+                and tuple(stored[sh.key].global_shape) == tuple(sh.global_shape)
+            }
+        loaded = dist_checkpointing.load(request, str(path))
+        for i, shadow in enumerate(ema.shadow):
+            for name, tensor in loaded[f"chunk{i}"].items():
+                shadow[name].copy_(tensor)
+
+
+_EMA = "ema."
+_NOT_WEIGHTS = ("optimizer.", "rng_state", "ema.optimizer.")
+
+
+@dataclasses.dataclass
+class WeightsReport:
+    """What a weights-only load matched (global sharded keys)."""
+
+    source: str
+    loaded: list[str] = dataclasses.field(default_factory=list)
+    missing: list[str] = dataclasses.field(default_factory=list)  # in the model, not stored
+    unexpected: list[str] = dataclasses.field(default_factory=list)  # stored, not in the model
+    mismatched: list[tuple[str, tuple, tuple]] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 8) -> str:
+        """One line naming the keys that did not load (up to ``limit`` of each kind)."""
+
+        def few(items: list) -> str:
+            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+            return ", ".join(str(x) for x in items[:limit]) + more
+
+        parts = [f"{len(self.loaded)} loaded"]
+        if self.missing:
+            parts.append(f"missing (kept initialisation): {few(self.missing)}")
+        if self.unexpected:
+            parts.append(f"unexpected (ignored): {few(self.unexpected)}")
+        if self.mismatched:
+            shapes = [f"{k} checkpoint {a} vs model {b}" for k, a, b in self.mismatched]
+            parts.append(f"shape mismatch (kept initialisation): {few(shapes)}")
+        return "; ".join(parts)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder as given, or the newest complete checkpoint under a checkpoint root."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    found = Checkpointer(path).latest()
+    if found is None:
+        raise FileNotFoundError(f"{path}: not a megatron checkpoint folder or checkpoint root")
+    return found
 
 
 def save_weights_only(
@@ -325,12 +469,7 @@ def read_full_weights(path: str | os.PathLike, *, ema: bool = False) -> tuple[di
     """
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
-    path = Path(path)
-    if not (path / "metadata.json").is_file():
-        found = Checkpointer(path).latest()
-        if found is None:
-            raise FileNotFoundError(f"{path}: not a megatron checkpoint folder or checkpoint root")
-        path = found
+    path = resolve_checkpoint(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
     model_config = common["train_state"].get("model_config")
     if model_config is None:

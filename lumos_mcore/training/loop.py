@@ -23,11 +23,14 @@ from lumos_mcore.data.media.stall import StallTimer
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
 from lumos_mcore.parallel.state import init_distributed, initialize_parallel
-from lumos_mcore.training.checkpoint import Checkpointer
+from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops
+from lumos_mcore.perf.hardware import rank_peak
+from lumos_mcore.training.checkpoint import Checkpointer, WeightsReport
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.metrics import MetricsWriter, peak_memory_gib
-from lumos_mcore.training.setup import build_model, build_optimizer, use_bf16
+from lumos_mcore.training.setup import build_model, build_optimizer, select_kernels, use_bf16
 from lumos_mcore.training.step import DiffusionForwardStep, with_positions
+from lumos_mcore.training.validation import Validator
 
 log = logging.getLogger("lumos_mcore.train")
 
@@ -109,6 +112,7 @@ class Trainer:
         )
         self.num_microbatches = job.train.num_microbatches(self.info.dp_size)
         self.chunks, self.tconfig = build_model(m, job.parallel, seed=job.train.seed)
+        select_kernels(m, job.parallel, job.train.micro_batch_size)  # CUDA: Triton or torch
         self.optimizer, self.scheduler = build_optimizer(
             self.chunks,
             job.optim,
@@ -119,6 +123,7 @@ class Trainer:
         self.ema = EMA(self.chunks, job.train.ema_decay) if job.train.ema_decay > 0 else None
         self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last)
         self.step = 0
+        self.init_report: WeightsReport | None = None  # set by a checkpoint.init_from load
         self._resume()
         self.data = self._build_data()
         self.forward_step = DiffusionForwardStep(
@@ -142,11 +147,116 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             save_config(job, out / "config.yaml")
         self.stop = _StopFlag()
+        self.validator = self._build_validator()
+        self._init_throughput()
+
+    # -- validation and throughput ---------------------------------------------------------
+    def _build_validator(self) -> Validator | None:
+        if not self.job.validation.interval:
+            return None
+        encoders = getattr(self.data, "encoders", None)  # raw-media jobs: decode the grid
+        return Validator(
+            self.job,
+            dp_rank=self.info.dp_rank,
+            dp_size=self.info.dp_size,
+            pp_size=self.info.pp_size,
+            is_last_stage=self.info.is_last_stage,
+            train_dataset=self.dataset,
+            device=_device(),
+            vae=getattr(encoders, "vae", None),
+        )
+
+    def _init_throughput(self) -> None:
+        """FLOPs of a step (analytic, perf/flops.py) and the per-rank peak for MFU.
+
+        Model FLOPs (3 x forward) give ``throughput/tflops_per_s`` and MFU; executed FLOPs
+        (recompute adds forward work: 4 x for full recompute) give HFU. The peak is measured
+        once, on the logging rank only (CPU: a matmul probe; CUDA: the spec sheet).
+        """
+        job = self.job
+        flops = count_model_flops(job.model)
+        self.tokens_per_step = job.train.global_batch_size * job.model.num_tokens
+        self.model_flop_per_step = flops.model_train * job.train.global_batch_size
+        self.hardware_flop_per_step = flops.hardware_train * job.train.global_batch_size
+        self._flops_by_size: dict[tuple[int, int], object] = {}
+        self.peak = None
+        if self.is_logging_rank:
+            self.peak = rank_peak(
+                hidden_size=job.model.hidden_size_,
+                rows=job.train.micro_batch_size * job.model.num_tokens,
+                mlp_ratio=job.model.mlp_ratio,
+                given_tflops=job.train.peak_tflops,
+            )
+            log.info(
+                "MFU denominator: %.4g TFLOP/s per rank (%s), %d ranks; %.4g model TFLOP/step",
+                self.peak.tflops,
+                self.peak.source,
+                self.info.world_size,
+                self.model_flop_per_step / 1e12,
+            )
+
+    def step_work(self, step: int) -> tuple[float, float, float]:
+        """Tokens, model FLOPs and executed FLOPs of the global batch of ``step`` (0-based).
+
+        Dense batches: ``global_batch_size`` samples of ``model.num_tokens``. Packed batches:
+        the planned samples' own sizes (attention FLOPs are per sample, not per pack).
+        """
+        if self._packed is None:
+            return self.tokens_per_step, self.model_flop_per_step, self.hardware_flop_per_step
+        tokens = model = hardware = 0.0
+        for size in self._packed.step_sample_sizes(step * self.job.train.global_batch_size):
+            f = self._flops_by_size.get(size)
+            if f is None:
+                m = self.job.model
+                f = self._flops_by_size[size] = count_flops(
+                    DiTShape.from_model_config(m),
+                    size[0],
+                    frames=size[1] if m.temporal_attention else 1,
+                    attention="spatial_temporal" if m.temporal_attention else "full",
+                    recompute=m.recompute,
+                    single_token_cross=True,
+                )
+            tokens += size[0]
+            model += f.model_train
+            hardware += f.hardware_train
+        return tokens, model, hardware
+
+    def throughput(self, seconds: float, step: int | None = None) -> dict[str, float]:
+        """Tokens/s, achieved TFLOP/s (all ranks together), per rank, MFU and HFU of the step
+        that took ``seconds`` (``step``: its 0-based index, for packed batches)."""
+        world = self.info.world_size
+        tokens, model_flop, hardware_flop = (
+            self.step_work(step)
+            if step is not None
+            else (self.tokens_per_step, self.model_flop_per_step, self.hardware_flop_per_step)
+        )
+        achieved = model_flop / seconds / 1e12
+        out = {
+            "throughput/tokens_per_s": tokens / seconds,
+            "throughput/tflops_per_s": achieved,
+            "throughput/tflops_per_s_per_rank": achieved / world,
+        }
+        if self.peak is not None:
+            total_peak = self.peak.tflops * world
+            out["throughput/peak_tflops_per_rank"] = self.peak.tflops
+            out["throughput/mfu"] = achieved / total_peak
+            out["throughput/hfu"] = hardware_flop / seconds / 1e12 / total_peak
+        return out
+
+    def validate(self) -> dict[str, float]:
+        """Held-out loss (and EMA loss) now; the sample grid goes to TensorBoard."""
+        values, grid = self.validator.run(self.step, self.chunks, self.ema)
+        if self.is_logging_rank:
+            if grid is not None:
+                self.metrics.image("val/samples", self.step, grid)
+            self.metrics.validation(self.step, values)
+        return values
 
     # -- data --------------------------------------------------------------------------------
     def _build_data(self):
         """Resumable DP-sliced micro-batches; raw media pass through the frozen encoders."""
         job = self.job
+        self._packed = None  # the packed iterator, for the step's tokens and FLOPs
         if job.media is not None:
             from lumos_mcore.data.media.dataset import MediaDataset
             from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
@@ -157,6 +267,34 @@ class Trainer:
             _check_encoders_fit_model(encoders, job)
         else:
             self.dataset = FeatureDataset(job.data)
+        if job.data is not None and job.data.pack:
+            # One pack per micro-batch; the pack count varies per step (same on every DP rank),
+            # so the iterator updates num_microbatches for the next step as each step ends.
+            from lumos_mcore.data.packing import PackedMicroBatchIterator
+            from lumos_mcore.training.setup import unwrap
+
+            core = unwrap(self.chunks[0])
+            cp = self.info.cp_size
+            zigzag = cp > 1 and getattr(core, "cp_mode", "contiguous") == "zigzag"
+            data = PackedMicroBatchIterator(
+                self.dataset,
+                global_batch_size=job.train.global_batch_size,
+                dp_rank=self.info.dp_rank,
+                dp_size=self.info.dp_size,
+                capacity=job.data.pack_capacity,
+                patch_size=job.model.patch_size,
+                cost=job.data.pack_cost,
+                # PP sends fixed-size activations of seq_length = model.num_tokens tokens.
+                pack_length=job.model.num_tokens if self.info.pp_size > 1 else None,
+                token_multiple=2 * cp if zigzag else 1,
+                # megatron's interleaved schedule runs a multiple of pp micro-batches.
+                micro_batch_multiple=self.info.pp_size if self.info.vpp_size else 1,
+                consumed_samples=self.step * job.train.global_batch_size,
+            )
+            self._packed = data
+            self.num_microbatches = data.num_micro_batches_now
+            data.on_global_batch = lambda n: setattr(self, "num_microbatches", n)
+            return StallTimer(data)
         data = MicroBatchIterator(
             self.dataset,
             global_batch_size=job.train.global_batch_size,
@@ -177,6 +315,29 @@ class Trainer:
         path = self.checkpointer.latest() if job.checkpoint.resume else None
         if path is None and job.checkpoint.load:
             path = Path(job.checkpoint.load)
+        if path is None and job.checkpoint.init_from:
+            # A new stage from a previous stage's weights: fresh optimizer, schedule, step 0.
+            try:
+                _, self.init_report = self.checkpointer.load_weights(
+                    job.checkpoint.init_from,
+                    self.chunks,
+                    self.optimizer,
+                    self.ema,
+                    strict=job.checkpoint.init_strict,
+                    from_ema=job.checkpoint.init_from_ema,
+                )
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"checkpoint.init_from={job.checkpoint.init_from}: {err}") from err
+            if dist.get_rank() == 0:
+                log.info(
+                    "initialised from %s (weights only, %s): %s",
+                    self.init_report.source,
+                    "EMA weights" if job.checkpoint.init_from_ema else "training weights",
+                    self.init_report.describe(),
+                )
+                if not self.init_report.ok:
+                    log.warning("checkpoint.init_from: %s", self.init_report.describe())
+            return
         if path is None:
             return
         state = self.checkpointer.load(path, self.chunks, self.optimizer, self.scheduler, self.ema)
@@ -248,7 +409,6 @@ class Trainer:
     def run(self) -> TrainResult:
         job = self.job
         result = TrainResult(final_step=self.step)
-        tokens_per_step = job.train.global_batch_size * job.model.num_tokens
         batches = self._iterators()
         if dist.get_rank() == 0:
             log.info(
@@ -277,13 +437,15 @@ class Trainer:
                 {
                     "throughput/step_time_ms": dt * 1e3,
                     "throughput/samples_per_s": job.train.global_batch_size / dt,
-                    "throughput/tokens_per_s": tokens_per_step / dt,
+                    **self.throughput(dt, self.step - 1),
                     "memory/peak_gib": peak_memory_gib(),
                     "data/bad_samples": float(self.dataset.num_bad),
                     **{f"data/bad/{k}": float(v) for k, v in self.dataset.bad_counts.items()},
                     **self.data.window(),
                 }
             )
+            if self.validator is not None and self.step % job.validation.interval == 0:
+                m.update(self.validate())
             if self.is_logging_rank:
                 result.losses.append(m["train/loss"])
                 self._append_metrics(m)

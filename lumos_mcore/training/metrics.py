@@ -36,6 +36,11 @@ class MetricsWriter:
             for name, value in values.items():
                 self.tb.add_scalar(name, value, step)
 
+    def image(self, tag: str, step: int, image) -> None:
+        """An ``[H, W, 3]`` uint8 image (e.g. the validation sample grid)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
     def progress(self, step: int, total: int, m: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -52,6 +57,18 @@ class MetricsWriter:
             m["throughput/step_time_ms"],
             m["memory/peak_gib"],
         )
+        if "throughput/mfu" in m:
+            log.info(
+                "step %d | %.3f TFLOP/s (all ranks) | MFU %.1f%%",
+                step,
+                m["throughput/tflops_per_s"],
+                100 * m["throughput/mfu"],
+            )
+
+    def validation(self, step: int, m: dict[str, float]) -> None:
+        if self.enabled:
+            ema = f" | val loss (EMA) {m['val/loss_ema']:.4f}" if "val/loss_ema" in m else ""
+            log.info("step %d | val loss %.4f%s", step, m["val/loss"], ema)
 
     def close(self) -> None:
         if self.tb is not None:

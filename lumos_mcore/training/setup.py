@@ -127,3 +127,30 @@ def build_optimizer(
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def select_kernels(
+    model_cfg: ModelConfig, parallel_cfg: ParallelConfig, micro_batch_size: int
+) -> dict:
+    """Choose Triton kernel or PyTorch for each fused DiT op at this run's shape (collective).
+
+    On CUDA every rank times both paths (:func:`lumos_mcore.ops.autoselect`) on the local
+    sequence shard (after context and sequence parallelism), and all ranks adopt the same
+    choice; without it a multi-process run keeps the PyTorch references. Call on every rank
+    after the parallel state is set up; a no-op (empty result) without CUDA.
+    """
+    if not torch.cuda.is_available():
+        return {}
+    from lumos_mcore import ops
+
+    tokens = model_cfg.num_tokens // parallel_cfg.cp
+    if parallel_cfg.sequence_parallel:
+        tokens //= parallel_cfg.tp
+    return ops.autoselect(
+        seq_len=max(tokens, 1),
+        batch=micro_batch_size,
+        hidden_size=model_cfg.hidden_size_,
+        num_heads=model_cfg.num_heads_ // parallel_cfg.tp,
+        head_dim=model_cfg.hidden_size_ // model_cfg.num_heads_,
+        dtype=torch.bfloat16 if use_bf16(model_cfg) else torch.float32,
+    )

@@ -111,12 +111,16 @@ def test_recipe_follows_the_paper(name, data_dir):
 
 
 def test_progressive_t2i_stages_chain(data_dir):
-    """256 -> 512 -> 1024: each stage starts from an export of the one before and lowers lr."""
+    """256 -> 512 -> 1024: each stage starts from the weights of the one before (init_from:
+    fresh optimizer and schedule) and lowers lr."""
     stages = [load(f"lumos_t2i_xl2_{px}.yaml", data_dir) for px in (256, 512, 1024)]
     assert [s.optim.lr for s in stages] == [1.6e-4, 8e-5, 4e-5]
-    assert stages[0].checkpoint.load is None
+    assert stages[0].checkpoint.init_from is None
     for prev, nxt in zip(stages, stages[1:]):
-        assert nxt.checkpoint.load.startswith(prev.train.output_dir + "/")
+        assert nxt.checkpoint.load is None
+        assert nxt.checkpoint.init_from == prev.checkpoint_dir
+        assert nxt.checkpoint.init_from_ema
+    assert [s.checkpoint.init_strict for s in stages[1:]] == [True, False]  # 1024: new embedders
     assert [s.model.use_size_conditioning for s in stages] == [False, False, True]
     assert len({s.train.output_dir for s in stages}) == 3
 

@@ -42,7 +42,9 @@ def test_single_layout_run_reports_consistent_numbers(tmp_path, capsys):
     assert (r["layout"], r["world_size"], r["global_batch"]) == ("tp1-pp1-cp1-dp1", 1, 3)
     assert r["tokens_per_sample"] == (32 // 8 // 2) ** 2
     mcfg = model_config_for(BenchmarkSpec(model="Lumos-Micro/2", resolution=32))
-    flops = count_flops(DiTShape.from_model_config(mcfg), r["tokens_per_sample"])
+    flops = count_flops(
+        DiTShape.from_model_config(mcfg), r["tokens_per_sample"], single_token_cross=True
+    )
     assert r["model_tflop_per_step"] == pytest.approx(3 * flops.model_train / 1e12)
     assert r["flops_per_sample"]["forward"] == pytest.approx(flops.forward)
     t = r["step_time_s"]

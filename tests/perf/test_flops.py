@@ -197,3 +197,30 @@ def test_invalid_arguments_name_the_problem():
         count_flops(shape, 16, recompute="some")
     with pytest.raises(ValueError, match="adaln_type"):
         DiTShape(depth=1, hidden_size=8, num_heads=2, adaln_type="x")
+
+
+def _megatron_forward_flops(rank, world):
+    from lumos_mcore.config.model import ModelConfig
+    from lumos_mcore.config.parallel import ParallelConfig
+    from lumos_mcore.parallel.state import initialize_parallel
+    from lumos_mcore.training.setup import build_model
+
+    cfg = ModelConfig(
+        name="Lumos-Tiny/2", latent_size=LATENT, cond_tokens=1, cond_channels=CC, depth=DEPTH
+    )
+    initialize_parallel(ParallelConfig(), num_attention_heads=cfg.num_heads_, num_layers=DEPTH)
+    (model,), _ = build_model(cfg, ParallelConfig(), seed=0, wrap_ddp=False)
+    x, t, _ = _inputs(torch.Generator().manual_seed(0))
+    cond = torch.randn(B, 1, CC)
+    with torch.no_grad():
+        fwd = _counted(lambda: model(x, t, cond))
+    shape = DiTShape.from_model_config(cfg)
+    return fwd, count_flops(shape, TOKENS, single_token_cross=True).forward
+
+
+def test_single_token_cross_attention_count_matches_the_megatron_model():
+    """One DINO token: the count of what the DiT executes (K/V + one out-projection row)."""
+    from tests.dist_utils import run_distributed
+
+    ((counted, expected),) = run_distributed(_megatron_forward_flops, 1)
+    assert counted == B * expected
