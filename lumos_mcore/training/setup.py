@@ -112,6 +112,7 @@ def build_optimizer(
         use_distributed_optimizer=use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, chunks)
+    use_fused_torch_adamw(optimizer)
     decay_steps = optim_cfg.lr_decay_steps or total_steps
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -127,6 +128,32 @@ def build_optimizer(
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def use_fused_torch_adamw(optimizer) -> int:
+    """Run megatron's torch ``AdamW`` fallback (no TE / Apex) as torch's fused kernel.
+
+    Without TransformerEngine or Apex megatron builds ``torch.optim.AdamW`` with default
+    options, which on CPU is the per-tensor Python loop: measured 2.5x slower than the fused
+    kernel (one pass per tensor) on Lumos-S/2, about 2 % of a CPU train step. Same update rule,
+    same state; call again after loading optimizer state (a checkpoint's param-group options
+    replace the current ones). Returns the number of torch optimizers switched.
+    """
+    switched = 0
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) not in (torch.optim.AdamW, torch.optim.Adam):
+            continue  # TE FusedAdam / Apex: fused already
+        params = [p for g in inner.param_groups for p in g["params"]]
+        devices = {p.device.type for p in params}
+        if not params or len(devices) != 1 or not devices <= {"cpu", "cuda"}:
+            continue
+        if any(not p.is_floating_point() for p in params):
+            continue
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, False
+        switched += 1
+    return switched
 
 
 def select_kernels(
