@@ -71,7 +71,7 @@ def test_packed_training_dp2_loss_goes_down(tmp_path):
     data = write_synthetic_feature_shards(
         tmp_path / "data",
         num_samples=16,
-        shapes=[(1, 8, 8), (1, 8, 12), (3, 8, 8), (2, 4, 8)],
+        shapes=SHAPES,
         cond_tokens=1,
         cond_dim=32,
         samples_per_shard=8,
@@ -79,32 +79,7 @@ def test_packed_training_dp2_loss_goes_down(tmp_path):
         seed=0,
     )
     steps = 24
-    job = make_job(
-        data,
-        tmp_path / "run",
-        steps=steps,
-        model=ModelConfig(
-            name="Lumos-Micro/2",
-            variant="i2v",
-            latent_size=8,
-            num_frames=3,
-            cond_channels=32,
-            video_attention="full_3d",
-        ),
-        optim=OptimConfig(lr=3e-3, warmup_steps=2),
-        train=TrainConfig(
-            steps=steps,
-            micro_batch_size=1,
-            global_batch_size=8,
-            log_interval=1000,
-            output_dir=str(tmp_path / "run"),
-            ema_decay=0.0,
-            tensorboard=False,
-        ),
-        checkpoint=CheckpointConfig(save_interval=10_000),
-    )
-    job.data = DataConfig(path=str(data), num_workers=1, pack=True, pack_capacity=56)
-    job.__post_init__()  # the cross-section checks see the packed data section
+    job = _packed_job(data, tmp_path / "run", steps)
     results = run_distributed(train_in_process, 2, job, timeout=400)
     losses = [r for r in results if r["losses"]][0]["losses"]
     assert len(losses) == steps and all(math.isfinite(x) for x in losses)
