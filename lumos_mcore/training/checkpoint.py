@@ -35,7 +35,7 @@ from torch import nn
 
 from lumos_mcore.training.compat import apply_optimizer_checkpoint_fix
 from lumos_mcore.training.ema import EMA
-from lumos_mcore.training.setup import unwrap
+from lumos_mcore.training.setup import unwrap, use_fused_torch_adamw
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ class Checkpointer:
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
             _unshare_adam_steps(optimizer)
+            use_fused_torch_adamw(optimizer)  # the loaded param groups carry their options
         if ema is not None:
             ema.load_state_dict(loaded["ema"])
         if scheduler is not None:

@@ -33,7 +33,6 @@ from lumos_mcore.training.setup import (
     build_optimizer,
     select_kernels,
     use_bf16,
-    use_fused_torch_adamw,
 )
 from lumos_mcore.training.step import DiffusionForwardStep, with_positions
 from lumos_mcore.training.validation import Validator
@@ -347,7 +346,6 @@ class Trainer:
         if path is None:
             return
         state = self.checkpointer.load(path, self.chunks, self.optimizer, self.scheduler, self.ema)
-        use_fused_torch_adamw(self.optimizer)  # the loaded param groups carry their options
         self.step = int(state["step"])
         if dist.get_rank() == 0:
             log.info("resumed from %s at step %d", path, self.step)
