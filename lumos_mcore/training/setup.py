@@ -170,14 +170,19 @@ def select_kernels(
         return {}
     from lumos_mcore import ops
 
-    tokens = model_cfg.num_tokens // parallel_cfg.cp
-    if parallel_cfg.sequence_parallel:
-        tokens //= parallel_cfg.tp
-    return ops.autoselect(
-        seq_len=max(tokens, 1),
-        batch=micro_batch_size,
-        hidden_size=model_cfg.hidden_size_,
-        num_heads=model_cfg.num_heads_ // parallel_cfg.tp,
-        head_dim=model_cfg.hidden_size_ // model_cfg.num_heads_,
-        dtype=torch.bfloat16 if use_bf16(model_cfg) else torch.float32,
-    )
+    cp_tokens = max(model_cfg.num_tokens // parallel_cfg.cp, 1)
+    sp_tokens = cp_tokens // parallel_cfg.tp if parallel_cfg.sequence_parallel else cp_tokens
+    shape = {
+        "batch": micro_batch_size,
+        "hidden_size": model_cfg.hidden_size_,
+        "num_heads": model_cfg.num_heads_ // parallel_cfg.tp,
+        "head_dim": model_cfg.hidden_size_ // model_cfg.num_heads_,
+        "dtype": torch.bfloat16 if use_bf16(model_cfg) else torch.float32,
+    }
+    # The norm / residual ops see the sequence-parallel shard; RoPE rotates q and k after the
+    # QKV projection has gathered it (this rank's context-parallel tokens, its TP heads).
+    elementwise = ("norm_modulate", "gated_residual")
+    choices = ops.autoselect(seq_len=max(sp_tokens, 1), ops=elementwise, **shape)
+    if model_cfg.pos_embed == "rope":
+        choices.update(ops.autoselect(seq_len=cp_tokens, ops=("rope3d",), **shape))
+    return choices

@@ -131,3 +131,50 @@ def test_autoselect_ranks_agree():
     results = run_distributed(_autoselect_rank, 2, timeout=120)
     want = {"norm_modulate": "torch", "gated_residual": "triton", "rope3d": "torch"}
     assert results == [want, want]
+
+
+def _model_on_kernels(rank, world, mode):
+    """A RoPE I2V model's output and gradients with every fused op on ``mode``; counts the
+    Triton RoPE launches (the attention's q and k of every self-attention)."""
+    import os
+
+    import kernels.rope3d
+    from lumos_mcore.config.model import ModelConfig
+    from lumos_mcore.config.parallel import ParallelConfig
+    from lumos_mcore.models.dit.model import LumosDiT, build_transformer_config
+    from lumos_mcore.parallel.state import initialize_parallel
+
+    os.environ["LUMOS_KERNELS"] = mode
+    calls = []
+    real = kernels.rope3d.apply_rope3d_triton
+    kernels.rope3d.apply_rope3d_triton = lambda *a: calls.append(1) or real(*a)
+    cfg = ModelConfig(
+        name="Lumos-Tiny/2", latent_size=4, cond_tokens=1, cond_channels=16, variant="i2v",
+        num_frames=2, pos_embed="rope", video_attention="spatial_temporal",
+    )  # fmt: skip
+    initialize_parallel(ParallelConfig(), num_attention_heads=cfg.num_heads_, num_layers=cfg.depth_)
+    model = LumosDiT(build_transformer_config(cfg), cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    video = torch.randn(1, 4, 2, 4, 4, generator=g)
+    out = model(video, torch.tensor([[0.0, 500.0]]), torch.randn(1, 1, 16, generator=g))
+    out.square().sum().backward()
+    qkv = model.decoder.layers[0].temporal_attention.linear_qkv.weight.grad
+    return out.detach(), qkv.clone(), len(calls), cfg.depth_
+
+
+def test_model_rope_runs_the_kernel_and_matches_the_reference():
+    """LUMOS_KERNELS=triton puts the DiT's RoPE (and norm/residual ops) on the Triton kernels
+    (interpreted on CPU) with the reference model's outputs and gradients."""
+    import kernels
+
+    if not kernels.can_launch(torch.empty(0)) and not torch.cuda.is_available():
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
+    ((out, grad, n_kernel, depth),) = run_distributed(_model_on_kernels, 1, "triton", timeout=300)
+    ((ref, ref_grad, n_ref, _),) = run_distributed(_model_on_kernels, 1, "torch", timeout=300)
+    assert n_kernel == depth * 2 * 2  # q and k of the spatial and the temporal attention
+    assert n_ref == 0
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)

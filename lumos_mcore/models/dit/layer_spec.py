@@ -21,11 +21,7 @@ import copy
 import logging
 from functools import lru_cache, partial
 
-from megatron.core.transformer.attention import (
-    CrossAttentionSubmodules,
-    SelfAttention,
-    SelfAttentionSubmodules,
-)
+from megatron.core.transformer.attention import CrossAttentionSubmodules, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -42,6 +38,7 @@ from lumos_mcore.models.dit.layer import (
     NonAffineRMSNorm,
 )
 from lumos_mcore.models.dit.linear import FusedBiasColumnParallelLinear, FusedBiasRowParallelLinear
+from lumos_mcore.models.dit.self_attention import DiTSelfAttention
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +81,7 @@ VIDEO_MODES = (None, "spatial_temporal")
 
 def _self_attention_spec(linear_col, linear_row, core_attention, qk_norm) -> ModuleSpec:
     return ModuleSpec(
-        module=SelfAttention,
+        module=DiTSelfAttention,
         params={"attn_mask_type": AttnMaskType.no_mask},
         submodules=SelfAttentionSubmodules(
             linear_qkv=linear_col,
