@@ -193,3 +193,16 @@ def test_single_condition_token_shortcut_matches_full_cross_attention(spec):
             assert g_fast[name].abs().max() == 0, name  # exactly zero on the shortcut
             continue
         assert rel_err(g_fast[name], grad) < 2e-2, name
+
+
+def test_te_spec_initialises_like_the_local_spec():
+    """With ``use_cpu_initialization`` megatron's TE linears draw their master weights from the
+    CPU generator like the local linears, inside each layer's ``init_rng`` block, so a fresh TE
+    model starts from exactly the local spec's weights (hence from the same weights at every
+    TP / PP layout)."""
+    local, _ = build_dit(KW, "local")
+    te_model, _ = build_dit(KW, "te")
+    te_params = dict(te_model.named_parameters())
+    assert te_params.keys() == dict(local.named_parameters()).keys()
+    for name, p in local.named_parameters():
+        assert torch.equal(te_params[name], p), name

@@ -18,7 +18,7 @@ from tests.training.helpers import make_job, train_in_process
 SHAPES = [(1, 8, 8), (1, 8, 12), (3, 8, 8), (2, 4, 8)]
 
 
-def _packed_job(data, out, steps, **parallel):
+def _packed_job(data, out, steps, capacity=56, **parallel):
     job = make_job(
         data,
         out,
@@ -44,7 +44,7 @@ def _packed_job(data, out, steps, **parallel):
         checkpoint=CheckpointConfig(save_interval=10_000),
         parallel=ParallelConfig(**parallel),
     )
-    job.data = DataConfig(path=str(data), num_workers=1, pack=True, pack_capacity=56)
+    job.data = DataConfig(path=str(data), num_workers=1, pack=True, pack_capacity=capacity)
     job.__post_init__()  # the cross-section checks see the packed data section
     return job
 
@@ -60,6 +60,26 @@ def test_packed_training_cp2_equals_cp1(tmp_path):
     )
     results = run_distributed(
         train_in_process, 2, _packed_job(data, tmp_path / "cp2", steps, cp=2), timeout=300
+    )
+    losses = [r for r in results if r["losses"]][0]["losses"]
+    assert len(losses) == steps
+    for a, b in zip(losses, ref["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref["losses"])
+
+
+def test_packed_training_pp2_equals_pp1(tmp_path):
+    """Under pipeline parallelism every pack is padded to model.num_tokens (fixed activation
+    shapes between stages); the padding changes nothing: per-step losses equal PP=1's."""
+    data = write_synthetic_feature_shards(
+        tmp_path / "data", num_samples=16, shapes=SHAPES, cond_tokens=1, cond_dim=32, seed=0
+    )
+    steps = 3
+    # pack_capacity <= model.num_tokens = 3 frames x 4 x 4 = 48 (the fixed PP pack length)
+    (ref,) = run_distributed(
+        train_in_process, 1, _packed_job(data, tmp_path / "pp1", steps, 48), timeout=300
+    )
+    results = run_distributed(
+        train_in_process, 2, _packed_job(data, tmp_path / "pp2", steps, 48, pp=2), timeout=300
     )
     losses = [r for r in results if r["losses"]][0]["losses"]
     assert len(losses) == steps
