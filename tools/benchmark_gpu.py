@@ -109,7 +109,8 @@ def environment() -> dict:
         "triton": _version("triton"),
         "transformer_engine": _version("transformer_engine"),
         "flash_attn": _version("flash_attn"),
-        "flash_attn_interface (FA3)": _version("flash_attn_interface"),
+        # FA3 wheels name their package flash_attn_3; older builds ship only the top-level module
+        "flash_attn_3 (FA3)": _version("flash_attn_3") or _version("flash_attn_interface"),
         "megatron_core": _version("megatron.core"),
         "nvidia_dali": _version("nvidia.dali"),
     }
@@ -315,6 +316,9 @@ def run_row(row: Row, args, peaks: dict) -> Row:
         row.hfu = hw_flops / sec / 1e12 / peak
     if row.layers_timed != row.depth:
         row.notes.append(f"timed {row.layers_timed} of {row.depth} layers, scaled")
+        if row.variant.precision == "fp8-tensorwise":
+            # first_last_layers_bf16 applies to the timed stack: 2 of layers_timed layers in bf16
+            row.notes.append(f"2 of the {row.layers_timed} timed layers bf16 (first/last)")
     return row
 
 

@@ -3,8 +3,8 @@
 #   1. installs the wheels placed in wheels/ inside or beside the repository (or $LUMOS_WHEELS),
 #      offline (--no-index), e.g. transformer-engine, flash-attn, triton, nvidia-dali;
 #   2. reports which optional GPU packages import;
-#   3. runs every GPU test (tests/gpu) plus the kernel / ops tests on CUDA (tests/kernels,
-#      tests/ops) in one pytest process;
+#   3. runs every GPU test (tests/gpu, and DALI's GPU route in tests/data/media/test_dali_gpu.py)
+#      plus the kernel / ops tests on CUDA (tests/kernels, tests/ops) in one pytest process;
 #   4. runs tools/benchmark_gpu.py, which writes docs/benchmarks/gpu_<date>.md (with the test
 #      summary and the GPU name);
 #   5. prints, last, every part that was skipped and why (missing package, too few GPUs).
@@ -57,9 +57,18 @@ for dir in "$ROOT/wheels" "$ROOT/../wheels" "${LUMOS_WHEELS:-}"; do
   shopt -u nullglob
   [ ${#wheels[@]} -gt 0 ] || continue
   echo "[proof] installing ${#wheels[@]} wheel(s) from $dir (offline)"
-  if ! "$PY" -m pip install --no-index --find-links "$dir" "${wheels[@]}" >"$LOG_DIR/pip_$(basename "$dir").log" 2>&1; then
-    echo "[proof] WARNING: pip could not install every wheel from $dir (see $LOG_DIR/pip_$(basename "$dir").log)"
-    tail -n 5 "$LOG_DIR/pip_$(basename "$dir").log"
+  log="$LOG_DIR/pip_$(basename "$dir").log"
+  if ! "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$dir" "${wheels[@]}" >"$log" 2>&1; then
+    # pip resolves the set as one transaction: one wheel with a dependency missing offline
+    # would keep every other wheel out, so retry them one at a time.
+    echo "[proof] WARNING: pip could not install the wheels of $dir together (see $log); one by one:"
+    for whl in "${wheels[@]}"; do
+      if "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$dir" "$whl" >>"$log" 2>&1; then
+        echo "[proof]   installed  $(basename "$whl")"
+      else
+        echo "[proof]   FAILED     $(basename "$whl") (a dependency missing from $dir? see $log)"
+      fi
+    done
   fi
 done
 
@@ -74,22 +83,31 @@ print(f"[proof] torch {torch.__version__}, CUDA {torch.version.cuda}, "
 if not torch.cuda.is_available():
     print("[proof] no CUDA device: every GPU part will be skipped")
     skips.write("everything on GPU: no CUDA device\n")
-checks = [
-    ("triton", "triton", "Triton kernels on CUDA, fused-op benchmark rows"),
-    ("transformer_engine.pytorch", "transformer-engine[pytorch]", "TE spec, FP8, TE context parallelism"),
-    ("megatron.core.extensions.transformer_engine", "transformer-engine (megatron TE extension)", "TE spec"),
-    ("flash_attn", "flash-attn", "flash-attn tests and benchmark rows"),
-    ("flash_attn_interface", "flash-attn 3 (hopper build)", "FA3 backend (FA2 used instead)"),
-    ("nvidia.dali", "nvidia-dali-cuda120/130", "DALI GPU decode tests"),
-    ("av", "av (PyAV)", "H.264 test video for the DALI video test"),
+checks = [  # (modules, any of which will do; pip package; what needs it)
+    (["triton"], "triton", "Triton kernels on CUDA, fused-op benchmark rows"),
+    (["transformer_engine.pytorch"], "transformer-engine[pytorch]", "TE spec, FP8, TE context parallelism"),
+    (["megatron.core.extensions.transformer_engine"], "transformer-engine (megatron TE extension)", "TE spec"),
+    (["flash_attn"], "flash-attn", "flash-attn tests and benchmark rows"),
+    (["flash_attn_3.flash_attn_interface", "flash_attn_interface"], "flash-attn 3 (hopper build)", "FA3 backend (FA2 used instead)"),
+    (["nvidia.dali"], "nvidia-dali-cuda120/130", "DALI GPU decode tests"),
+    (["av"], "av (PyAV)", "H.264 test video for the DALI video test"),
 ]
-for module, package, what in checks:
-    try:
-        mod = importlib.import_module(module)
+for modules, package, what in checks:
+    errors = []
+    for module in modules:
+        try:
+            mod = importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a broken build
+            errors.append(f"{module}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+            continue
+        if getattr(mod, "HAVE_TE", True) is False:  # megatron's extension imports without TE
+            errors.append(f"{module}: imported, but it could not import transformer_engine (HAVE_TE=False)")
+            continue
         version = getattr(mod, "__version__", "")
         print(f"[proof]   ok       {module} {version}")
-    except Exception as exc:  # ImportError, or a broken build
-        print(f"[proof]   MISSING  {module}: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+        break
+    else:
+        print(f"[proof]   MISSING  {'; '.join(errors)}")
         skips.write(f"{what}: missing package {package}\n")
 if torch.cuda.device_count() < 2:
     skips.write(f"2-GPU tests (TE context parallelism, DP=2 DDP / distributed optimizer): "
@@ -101,9 +119,10 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 TEST_RC=0
 SUMMARY="$LOG_DIR/test_summary.txt"
 if [ "$RUN_TESTS" = 1 ]; then
-  echo "[proof] pytest tests/gpu tests/kernels tests/ops"
+  TESTS=(tests/gpu tests/data/media/test_dali_gpu.py tests/kernels tests/ops)
+  echo "[proof] pytest ${TESTS[*]}"
   "$PY" -m pytest -v -rs -p no:cacheprovider --junitxml="$LOG_DIR/gpu_tests.xml" \
-      tests/gpu tests/kernels tests/ops 2>&1 | tee "$LOG_DIR/gpu_tests.log"
+      "${TESTS[@]}" 2>&1 | tee "$LOG_DIR/gpu_tests.log"
   TEST_RC=${PIPESTATUS[0]}
   grep -E "^(SKIPPED|FAILED|ERROR)" "$LOG_DIR/gpu_tests.log" > "$SUMMARY" || true
   tail -n 1 "$LOG_DIR/gpu_tests.log" >> "$SUMMARY"
@@ -118,7 +137,8 @@ if [ "$RUN_BENCH" = 1 ]; then
   [ -f "$SUMMARY" ] && args+=(--tests-summary "$SUMMARY")
   [ "$QUICK" = 1 ] && args+=(--quick)
   echo "[proof] benchmark: tools/benchmark_gpu.py ${args[*]} ${BENCH_ARGS[*]:-}"
-  "$PY" tools/benchmark_gpu.py "${args[@]}" "${BENCH_ARGS[@]}" 2>&1 | tee "$LOG_DIR/benchmark.log"
+  # ${arr[@]+...}: an empty array is "unbound" under set -u in bash < 4.4
+  "$PY" tools/benchmark_gpu.py "${args[@]}" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$LOG_DIR/benchmark.log"
   BENCH_RC=${PIPESTATUS[0]}
   grep -E "^\[benchmark\] SKIPPED: " "$LOG_DIR/benchmark.log" | sed 's/^\[benchmark\] SKIPPED: /benchmark: /' >> "$SKIPS" || true
 fi

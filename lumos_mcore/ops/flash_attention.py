@@ -13,7 +13,8 @@ Three entry points, all bidirectional and dropout-free (as the DiT is):
   all-gather context parallelism for self-attention like the SDPA core attention.
 
 Grouped-query attention needs no K/V repetition. Backends: FlashAttention-3
-(``flash_attn_interface``) on Hopper when importable, else FlashAttention-2 (``flash_attn``);
+(``flash_attn_3.flash_attn_interface`` or ``flash_attn_interface``) on Hopper when importable,
+else FlashAttention-2 (``flash_attn``);
 ``LUMOS_FLASH_ATTN=fa2|fa3`` forces one. Head dim 72 (Lumos-XL) runs on both (FA2 and FA3 round
 it up to their 96 kernels). Inputs a backend cannot take (float32, CPU) go through SDPA. The
 backend is logged once.
@@ -68,10 +69,20 @@ class FlashBackend:
         return all(t.device.type == self.device_type and t.dtype in self.dtypes for t in tensors)
 
 
+def _import_fa3():
+    # TransformerEngine imports FA3 as ``flash_attn_3.flash_attn_interface``; some installs carry
+    # that and a separate top-level copy, and importing both registers FA3's torch custom ops
+    # twice, which breaks the copy imported first. Prefer TE's path, fall back to the top level.
+    try:
+        return importlib.import_module("flash_attn_3.flash_attn_interface")
+    except ImportError:
+        return importlib.import_module("flash_attn_interface")
+
+
 def _load(name: str) -> FlashBackend | None:
     try:
         if name == "fa3":
-            mod = importlib.import_module("flash_attn_interface")
+            mod = _import_fa3()
             return FlashBackend("flash-attn 3", mod.flash_attn_func, mod.flash_attn_varlen_func)
         mod = importlib.import_module("flash_attn")
         version = getattr(mod, "__version__", "2")

@@ -8,13 +8,16 @@ megatron-core runs the TE linears of each transformer layer under ``fp8_autocast
 - the first and last transformer layers via megatron's ``first_last_layers_bf16`` (not with the
   ``delayed`` recipe, which megatron refuses: its amax reduction assumes one autocast region);
 - GEMMs too small for FP8 tensor cores: FP8 needs ``rows % 16 == 0`` (``% 8`` forward only) and
-  ``cols % 16 == 0``, and the cross-attention K/V projection of one DINO CLS token has
-  ``rows = batch`` -- :func:`without_fp8` wraps such a TE module class so its forward runs in a
-  nested ``fp8_autocast(enabled=False)`` (TE's own recommendation; the nested region does not
-  trigger the amax reduction, which happens when the outermost region exits).
+  ``cols % 16 == 0`` (MXFP8: multiples of 32), and the cross-attention K/V projection of one DINO
+  CLS token has ``rows = batch`` -- :func:`without_fp8` wraps such a TE module class so its
+  forward runs in a nested ``autocast(enabled=False)`` (``fp8_autocast`` before TE deprecated
+  that name; the nested region does not trigger the amax reduction, which happens when the
+  outermost enabled region exits).
 
-``mxfp8`` needs Blackwell (compute capability 10.x); ``tensorwise`` (current scaling) needs
-TE >= 2.2; both are checked by megatron / TE when the model first runs.
+``mxfp8`` needs Blackwell datacenter GPUs (compute capability 10.x; TE refuses 12.x) and
+``blockwise`` Hopper or newer with CUDA >= 12.9 (TE >= 2.3; older TE: Hopper only); both are
+checked here when CUDA is present. ``tensorwise`` (current scaling) needs TE >= 2.2. megatron /
+TE check all of them again when the model first runs.
 """
 
 from __future__ import annotations
@@ -48,13 +51,10 @@ def fp8_config_overrides(
         raise ValueError(f"fp8_format={fp8_format!r}: choose one of {', '.join(FORMATS)}")
     if bf16_layers_at_ends < 0:
         raise ValueError(f"bf16_layers_at_ends={bf16_layers_at_ends}: must be >= 0")
-    if recipe == "mxfp8" and torch.cuda.is_available():
-        major = torch.cuda.get_device_capability()[0]
-        if major < 10:
-            raise ValueError(
-                f"fp8_recipe='mxfp8': needs a Blackwell GPU (compute capability 10.x), this one "
-                f"is {major}.x; use tensorwise or delayed"
-            )
+    if recipe in ("mxfp8", "blockwise") and torch.cuda.is_available():
+        ok, reason = _recipe_support(recipe)
+        if not ok:
+            raise ValueError(f"fp8_recipe={recipe!r}: {reason}; use tensorwise or delayed")
     kw: dict = {"fp8": fp8_format, "fp8_recipe": recipe}
     if recipe == "delayed":
         kw.update(fp8_amax_history_len=amax_history_len, fp8_amax_compute_algo="max")
@@ -67,12 +67,36 @@ def fp8_config_overrides(
     return kw
 
 
+def _recipe_support(recipe: str) -> tuple[bool, str]:
+    """Whether this GPU runs ``recipe`` ("mxfp8" | "blockwise"): TE's own check when TE imports,
+    else the compute capability TE requires."""
+    name = {"mxfp8": "is_mxfp8_available", "blockwise": "is_fp8_block_scaling_available"}[recipe]
+    try:
+        from transformer_engine.pytorch.fp8 import FP8GlobalStateManager
+
+        check = getattr(FP8GlobalStateManager, name, None)
+    except Exception:  # TE missing or unusable here
+        check = None
+    if check is not None:
+        ok, reason = check()
+        return bool(ok), reason or "not supported on this GPU"
+    major, minor = torch.cuda.get_device_capability()
+    if recipe == "mxfp8":
+        ok = 10 <= major < 12
+        return ok, f"needs compute capability 10.x or 11.x (Blackwell), this GPU is {major}.{minor}"
+    cuda = tuple(int(x) for x in (torch.version.cuda or "0.0").split(".")[:2])
+    ok = major >= 9 and cuda >= (12, 9)
+    return ok, f"needs compute capability >= 9.0 and CUDA >= 12.9, this is {major}.{minor}"
+
+
 def _fp8_disabled() -> contextlib.AbstractContextManager:
     import transformer_engine.pytorch as te
 
-    if hasattr(te, "fp8_autocast"):
-        return te.fp8_autocast(enabled=False)
-    return te.autocast(enabled=False)  # TE releases that dropped the fp8_autocast name
+    # Newer TE releases add ``autocast(enabled=..., recipe=...)`` and deprecate ``fp8_autocast``
+    # (a DeprecationWarning on every call); older releases only have ``fp8_autocast``.
+    if hasattr(te, "autocast"):
+        return te.autocast(enabled=False)
+    return te.fp8_autocast(enabled=False)
 
 
 def without_fp8(module_cls: type) -> type:

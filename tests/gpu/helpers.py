@@ -1,8 +1,10 @@
 """Shared pieces of the GPU tests: skip markers that name the missing piece, tiny models.
 
 Skip reasons start with ``missing package:`` or ``needs`` so ``tools/gpu_proof.sh`` can list
-what was skipped and why. Nothing here imports TransformerEngine, flash-attn or DALI at import
-time, so the CPU suite collects these modules and skips them cleanly.
+what was skipped and why. Without CUDA nothing here imports TransformerEngine, flash-attn or DALI
+(the CPU suite collects these modules and skips them cleanly); with CUDA a package that is
+present but fails to import (a build for another CUDA / torch) is skipped with the import error
+rather than failing every test.
 """
 
 from __future__ import annotations
@@ -19,24 +21,60 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 requires_2_gpus = pytest.mark.skipif(NUM_GPUS < 2, reason=f"needs 2 GPUs (found {NUM_GPUS})")
 
 
-def _module_importable(name: str) -> bool:
+def _import_problem(module: str) -> str | None:
+    """None when ``module`` is usable here, else why not. Only with CUDA is it imported (the
+    GPU tests skip on CPU anyway); without CUDA its presence is enough."""
     try:
-        return importlib.util.find_spec(name) is not None
+        if importlib.util.find_spec(module) is None:
+            return f"import {module}"
     except (ImportError, ValueError):
-        return False
+        return f"import {module}"
+    if not HAS_CUDA:
+        return None
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken build raising at import
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        return f"import {module} failed: {type(exc).__name__}: {first}"
+    return None
 
 
 def requires_package(module: str, package: str) -> pytest.MarkDecorator:
     """Skip when ``module`` does not import; the reason names the pip ``package``."""
-    return pytest.mark.skipif(
-        not _module_importable(module), reason=f"missing package: {package} (import {module})"
-    )
+    problem = _import_problem(module)
+    return pytest.mark.skipif(problem is not None, reason=f"missing package: {package} ({problem})")
 
 
-requires_te = pytest.mark.skipif(
-    not HAS_CUDA or not _module_importable("transformer_engine"),
-    reason="needs CUDA" if not HAS_CUDA else "missing package: transformer-engine[pytorch]",
-)
+def requires_any_package(*candidates: tuple[str, str]) -> pytest.MarkDecorator:
+    """Skip unless one of the ``(module, package)`` candidates imports; tried in order, and
+    none after the first that imports (two copies of FA3 must not both be imported)."""
+    problems = []
+    for module, package in candidates:
+        problem = _import_problem(module)
+        if problem is None:
+            return pytest.mark.skipif(False, reason="")
+        problems.append(f"{package} ({problem})")
+    return pytest.mark.skipif(True, reason=f"missing package: {' or '.join(problems)}")
+
+
+def _te_problem() -> str | None:
+    if not HAS_CUDA:
+        return "needs CUDA"
+    for module in ("transformer_engine.pytorch", "megatron.core.extensions.transformer_engine"):
+        problem = _import_problem(module)
+        if problem is not None:
+            return f"missing package: transformer-engine[pytorch] ({problem})"
+    # megatron's TE extension swallows a failing TE import and only sets HAVE_TE = False
+    if not importlib.import_module("megatron.core.extensions.transformer_engine").HAVE_TE:
+        return (
+            "missing package: transformer-engine[pytorch] (megatron.core.extensions."
+            "transformer_engine could not import it: HAVE_TE is False)"
+        )
+    return None
+
+
+_TE_PROBLEM = _te_problem()
+requires_te = pytest.mark.skipif(_TE_PROBLEM is not None, reason=_TE_PROBLEM or "")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

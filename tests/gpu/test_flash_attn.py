@@ -9,9 +9,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tests.gpu.helpers import rel_err, requires_cuda, requires_package
+from tests.gpu.helpers import rel_err, requires_any_package, requires_cuda
 
-pytestmark = [requires_cuda, requires_package("flash_attn", "flash-attn")]
+# Either backend will do (lumos_mcore.ops.flash_attention prefers FA3 on Hopper).
+pytestmark = [
+    requires_cuda,
+    requires_any_package(
+        ("flash_attn", "flash-attn"),
+        ("flash_attn_3.flash_attn_interface", "flash-attn 3"),
+        ("flash_attn_interface", "flash-attn 3"),
+    ),
+]
 
 NP, NG, HN = 16, 16, 72
 

@@ -67,13 +67,17 @@ class ContextColumnParallelLinear(FusedBiasColumnParallelLinear):
 
 @lru_cache(maxsize=1)
 def te_available() -> bool:
-    """True when TransformerEngine and megatron's TE extension import cleanly."""
+    """True when TransformerEngine and megatron's TE extension import cleanly.
+
+    megatron's extension swallows a failing TE sub-import (e.g. a TE built for another torch)
+    and only sets ``HAVE_TE = False``; building the TE spec would then fail much later.
+    """
     try:
         import transformer_engine  # noqa: F401
-        from megatron.core.extensions import transformer_engine as _te  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _te
     except Exception:  # a partial TE install raises RuntimeError, not ImportError
         return False
-    return True
+    return bool(getattr(_te, "HAVE_TE", True))
 
 
 VIDEO_MODES = (None, "spatial_temporal")

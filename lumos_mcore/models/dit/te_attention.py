@@ -18,9 +18,13 @@ understands the :class:`SequenceLayout` the DiT passes as ``packed_seq_params``:
   ``cu_seqlens`` per sample.
 
 Requirements (checked): spatial/temporal need an unpacked batch whose CP shards hold whole
-frames (``frames % (2 cp) == 0`` in the zig-zag layout). This module is imported only by the TE
-spec and is exercised on GPU machines; the CPU test-suite covers the same layouts through the
-SDPA core attention.
+frames (``frames % (2 cp) == 0`` in the zig-zag layout); packs (THD) under TE context
+parallelism cannot use ``cp_comm_type='a2a+p2p'`` (no THD support in TE), and older TE releases
+support THD only with ``p2p``. Not checked: TE turns a padding mask into per-sample lengths, so
+padded condition tokens must be right-padded (T5 captions are). A megatron THD
+``PackedSeqParams`` (query ``[t, np, hn]``) passes straight to TE. This module is
+imported only by the TE spec and is exercised on GPU machines; the CPU test-suite covers the
+same layouts through the SDPA core attention.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class TEVideoDotProductAttention(TEDotProductAttention):
             raise ValueError(f"attention pattern {pattern!r}: choose one of {', '.join(PATTERNS)}")
         self.pattern = pattern
         self.dit_attention_type = attention_type
+        self.dit_cp_comm_type = cp_comm_type or "p2p"
         self.uses_cp = config.context_parallel_size > 1
         if self.uses_cp and (pattern == "spatial" or attention_type == "cross"):
             # Frames (spatial) and condition tokens (cross) are local to every CP rank.
@@ -96,7 +101,8 @@ class TEVideoDotProductAttention(TEDotProductAttention):
         **kwargs,
     ) -> Tensor:
         layout = packed_seq_params if isinstance(packed_seq_params, SequenceLayout) else None
-        sq, b, np_, hn = query.shape
+        # [sq, b, np, hn], or [t, np, hn] for a megatron THD PackedSeqParams (batch squeezed)
+        lead, (np_, hn) = query.shape[:-2], query.shape[-2:]
         if self.dit_attention_type == "cross" and (layout is not None or packed_seq_params is None):
             out = self._cross(query, key, value, attention_mask, layout)
         elif layout is None:
@@ -115,12 +121,17 @@ class TEVideoDotProductAttention(TEDotProductAttention):
         else:
             out = self._factorised(query, key, value, layout)
         if self.gate is not None:
-            out = out.view(sq, b, np_, hn) * torch.tanh(self.gate).to(out.dtype)[:, None]
-        return out.reshape(sq, b, np_ * hn)  # [sq, b, np*hn]
+            out = out.reshape(*lead, np_, hn) * torch.tanh(self.gate).to(out.dtype)[:, None]
+        return out.reshape(*lead, np_ * hn)  # [sq, b, np*hn] (THD: [t, np*hn], as TE returns)
 
     def _full(self, q: Tensor, k: Tensor, v: Tensor, layout: SequenceLayout) -> Tensor:
         if not layout.packed:
             return super().forward(q, k, v, None, AttnMaskType.no_mask)  # [s, b, np*hn]
+        if self.uses_cp and self.dit_cp_comm_type == "a2a+p2p":
+            raise NotImplementedError(
+                "packed sequences (THD) under TransformerEngine context parallelism: TE's "
+                "hierarchical a2a+p2p has no THD support; use parallel.cp_comm_type='p2p'"
+            )
         psp = layout.te_packed_seq_params()
         out = super().forward(
             q.squeeze(1),
@@ -170,7 +181,8 @@ class TEVideoDotProductAttention(TEDotProductAttention):
             if attention_mask is None:  # every condition token is real
                 return super().forward(q, k, v, None, AttnMaskType.no_mask)
             # TE's padding mask for cross-attention is a (query, key/value) pair of
-            # [b, 1, 1, s] masks, True = masked out; no query is padding.
+            # [b, 1, 1, s] masks, True = masked out; no query is padding. TE derives per-sample
+            # lengths from it (valid tokens first): right-padded captions only.
             q_mask = torch.zeros(q.shape[1], 1, 1, q.shape[0], dtype=torch.bool, device=q.device)
             kv_mask = attention_mask.bool().reshape(k.shape[1], 1, 1, k.shape[0])
             return super().forward(q, k, v, (q_mask, kv_mask), AttnMaskType.padding)
