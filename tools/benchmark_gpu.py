@@ -9,7 +9,8 @@ synthetic ``[s, b, h]`` inputs -- the part of a Lumos step whose cost grows with
 - attention: SDPA, flash-attn (``lumos_mcore.ops.FlashAttnCoreAttention``), TE fused attention
 - precision: bf16, FP8 (TE ``tensorwise`` current scaling with bf16 first/last layers, or
   ``delayed`` scaling)
-- fused Triton ops (norm + adaLN modulate, gated residual) as chosen by ``lumos_mcore.ops``
+- the Triton kernels of ``lumos_mcore.ops`` (norm + adaLN modulate, gated residual) forced on,
+  against their PyTorch references (each op's own timings: the autoselect table)
 - full activation recompute (needed for 64K tokens per sample)
 
 at 4K / 16K / 64K tokens per sample for Lumos-XL/2 (28 x 1152, 16 heads x 72) with the I2V
@@ -29,6 +30,7 @@ Usage: ``python tools/benchmark_gpu.py [--out docs/benchmarks/gpu_<date>.md] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import importlib
@@ -39,6 +41,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -132,6 +135,10 @@ def flops_fwd_per_layer(tokens: int, hidden: int, cond: int, mlp_ratio: float = 
     linear = 8 * L * D * D + 4 * mlp_ratio * L * D * D
     self_attn = 4 * L * L * D
     cross = 4 * L * D * D + 4 * L * Lc * D + 4 * Lc * D * D
+    if Lc == 1:
+        # One unmasked condition token runs as proj(V(cond)) (models/dit/cross_attention.py):
+        # K/V and out-projection of one row -- count what is executed, as perf.flops does.
+        cross = 4 * D * D + 2 * D * D
     adaln = 12 * D * D
     return linear + self_attn + cross + adaln
 
@@ -139,53 +146,22 @@ def flops_fwd_per_layer(tokens: int, hidden: int, cond: int, mlp_ratio: float = 
 # ---------------------------------------------------------------------------------------------
 # Building the block stack
 # ---------------------------------------------------------------------------------------------
-def fused_layer_class():
-    """``DiTLayer`` whose norm + modulate and gated residuals go through ``lumos_mcore.ops``
-    (the call-site change proposed for the model; image / unpacked-video path)."""
-    from megatron.core.utils import make_viewless_tensor
+@contextlib.contextmanager
+def kernel_mode(variant: Variant) -> Iterator[None]:
+    """``DiTLayer`` calls ``lumos_mcore.ops`` for norm + modulate and the gated residuals; a
+    ``fused`` row forces their Triton kernels, every other row the PyTorch references, so the
+    two rows of a pair differ only in that (``LUMOS_KERNELS``, restored afterwards)."""
+    from lumos_mcore.ops.dispatch import ENV
 
-    from lumos_mcore import ops
-    from lumos_mcore.models.dit.layer import DiTLayer, NonAffineRMSNorm
-
-    class FusedDiTLayer(DiTLayer):
-        def forward(
-            self,
-            hidden_states,
-            attention_mask=None,
-            context=None,
-            context_mask=None,
-            rotary_pos_emb=None,
-            packed_seq_params=None,
-            **kwargs,
-        ):
-            if self.temporal_attention is not None:
-                raise NotImplementedError("the benchmark's fused layer covers image blocks")
-            norm = "rmsnorm" if isinstance(self.norm1, NonAffineRMSNorm) else "layernorm"
-            eps = self.norm1.eps
-            x = hidden_states  # [s, b, h]
-            shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln(attention_mask)
-            h = ops.norm_modulate(x, shift1, scale1, eps, norm)  # [s, b, h]
-            out, bias = self.self_attention(
-                h,
-                attention_mask=None,
-                rotary_pos_emb=rotary_pos_emb,
-                packed_seq_params=packed_seq_params,
-            )
-            x = ops.gated_residual(x, out, gate1, bias)  # [s, b, h]
-            out, bias = self.cross_attention(
-                x,
-                attention_mask=context_mask,
-                key_value_states=context,
-                packed_seq_params=packed_seq_params,
-            )
-            x = x + (out if bias is None else out + bias)  # [s, b, h]
-            h = ops.norm_modulate(x, shift2, scale2, eps, norm)
-            out, bias = self.mlp(h)
-            x = ops.gated_residual(x, out, gate2, bias)  # [s, b, h]
-            x = make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True)
-            return x, context
-
-    return FusedDiTLayer
+    old = os.environ.get(ENV)
+    os.environ[ENV] = "triton" if variant.fused else "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 def build_spec(variant: Variant):
@@ -213,8 +189,6 @@ def build_spec(variant: Variant):
 
         kv = sub.cross_attention.submodules.linear_kv
         sub.cross_attention.submodules.linear_kv = without_fp8(kv)
-    if variant.fused:
-        spec.module = fused_layer_class()
     return spec
 
 
@@ -287,9 +261,10 @@ def run_row(row: Row, args, peaks: dict) -> Row:
     torch.cuda.reset_peak_memory_stats()
     block = None
     try:
-        block, _ = build_block(row.size, row.layers_timed, row.variant, row.recompute)
-        iters = max(2, args.iters // 2) if row.tokens >= 65536 else args.iters
-        ms, spread = time_block(block, row.tokens, hidden, args.warmup, iters)
+        with kernel_mode(row.variant):
+            block, _ = build_block(row.size, row.layers_timed, row.variant, row.recompute)
+            iters = max(2, args.iters // 2) if row.tokens >= 65536 else args.iters
+            ms, spread = time_block(block, row.tokens, hidden, args.warmup, iters)
     except torch.cuda.OutOfMemoryError:
         row.status = "out of memory"
         return row
@@ -545,9 +520,7 @@ def kernel_timings(args, have: dict) -> tuple[list[dict], list[str]]:
                     "backend": c.backend,
                 }
             )
-    # leave the choice of the main token count in place for the fused rows
-    ops.reset_kernel_choices()
-    ops.autoselect(seq_len=16384, batch=1, hidden_size=hidden, num_heads=heads)
+    ops.reset_kernel_choices()  # the block rows force their mode (kernel_mode)
     return rows, []
 
 

@@ -1,15 +1,15 @@
-"""CPU checks of tools/benchmark_gpu.py: the FLOP count, the fused-ops layer it times (must
-compute exactly what DiTLayer computes) and the report it writes."""
+"""CPU checks of tools/benchmark_gpu.py: the FLOP count, the kernel mode of its rows and the
+report it writes."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,49 +35,34 @@ def test_flops_follow_design_section_4(bench):
     assert bench.flops_fwd_per_layer(100, 64, 3) - bench.flops_fwd_per_layer(100, 64, 0) == (
         4 * 100 * 3 * 64 + 4 * 3 * 64 * 64
     )
+    # one condition token: the executed proj(V(cond)) path, as lumos_mcore.perf.flops counts it
+    from lumos_mcore.perf.flops import DiTShape, count_flops
+
+    shape = DiTShape(depth=1, hidden_size=64, num_heads=4, cond_tokens=1)
+    want = count_flops(shape, 100, single_token_cross=True)
+    cross = want.cross_attention_proj + want.cross_attention_core
+    assert bench.flops_fwd_per_layer(100, 64, 1) - bench.flops_fwd_per_layer(100, 64, 0) == (
+        cross - 4 * 100 * 64 * 64
+    )
 
 
-@pytest.fixture(scope="module")
-def parallel():
-    from lumos_mcore.config.parallel import ParallelConfig
-    from lumos_mcore.parallel.state import destroy_parallel, initialize_parallel
+def test_fused_rows_force_the_kernels_and_plain_rows_the_references(bench, monkeypatch):
+    """The DiT layer calls lumos_mcore.ops itself; a row's kernel mode is all that differs."""
+    from lumos_mcore import ops
 
-    initialize_parallel(ParallelConfig(), num_attention_heads=4, num_layers=2)
-    yield
-    destroy_parallel()
-
-
-def test_fused_layer_equals_dit_layer(bench, parallel, monkeypatch):
-    from megatron.core.transformer.transformer_block import TransformerBlock
-
-    from lumos_mcore.config.model import ModelConfig
-    from lumos_mcore.models.dit.model import build_transformer_config
-
-    monkeypatch.setenv("LUMOS_KERNELS", "torch")  # CPU: the ops' PyTorch references
-    mcfg = ModelConfig(name="Lumos-Tiny/2", depth=2, hidden_size=64, num_heads=4, precision="fp32")
-    config = build_transformer_config(mcfg)
-    blocks = []
-    for fused in (False, True):
-        spec = bench.build_spec(bench.Variant("local", "sdpa", fused=fused))
-        torch.manual_seed(0)
-        blk = TransformerBlock(config, spec, post_layer_norm=False)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _, p in sorted(blk.named_parameters()):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        blocks.append(blk)
-    assert type(blocks[1].layers[0]).__name__ == "FusedDiTLayer"
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(10, 2, 64, generator=g, requires_grad=True)
-    c, ctx = torch.randn(1, 2, 64, generator=g), torch.randn(3, 2, 64, generator=g)
-    outs, grads = [], []
-    for blk in blocks:
-        out = blk(hidden_states=x, attention_mask=c, context=ctx)
-        (gx,) = torch.autograd.grad(out, [x], torch.ones_like(out))
-        outs.append(out)
-        grads.append(gx)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("LUMOS_KERNELS", "auto")
+    with bench.kernel_mode(bench.Variant("local", "sdpa", fused=True)):
+        assert ops.kernel_mode() == "triton"
+    with bench.kernel_mode(bench.Variant("te", "te")):
+        assert ops.kernel_mode() == "torch"
+    assert ops.kernel_mode() == "auto"  # restored
+    monkeypatch.delenv("LUMOS_KERNELS")
+    with pytest.raises(RuntimeError), bench.kernel_mode(bench.Variant("te", "te")):
+        raise RuntimeError("a failing row")
+    assert "LUMOS_KERNELS" not in os.environ
+    fused = bench.build_spec(bench.Variant("local", "sdpa", fused=True))
+    plain = bench.build_spec(bench.Variant("local", "sdpa"))
+    assert fused.module is plain.module  # the same DiTLayer
 
 
 def test_report_has_table_targets_and_skips(bench, tmp_path):
