@@ -121,10 +121,16 @@ SUMMARY="$LOG_DIR/test_summary.txt"
 if [ "$RUN_TESTS" = 1 ]; then
   TESTS=(tests/gpu tests/data/media/test_dali_gpu.py tests/kernels tests/ops)
   echo "[proof] pytest ${TESTS[*]}"
-  "$PY" -m pytest -v -rs -p no:cacheprovider --junitxml="$LOG_DIR/gpu_tests.xml" \
+  # NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1: TE logs the attention backend it picks per call (flash /
+  # cuDNN fused / unfused); live INFO logs also carry the project's backend and kernel choices.
+  NVTE_DEBUG=1 NVTE_DEBUG_LEVEL=1 "$PY" -m pytest -v -rs -p no:cacheprovider \
+      -o log_cli=true --log-cli-level=INFO --junitxml="$LOG_DIR/gpu_tests.xml" \
       "${TESTS[@]}" 2>&1 | tee "$LOG_DIR/gpu_tests.log"
   TEST_RC=${PIPESTATUS[0]}
   grep -E "^(SKIPPED|FAILED|ERROR)" "$LOG_DIR/gpu_tests.log" > "$SUMMARY" || true
+  # which attention backends / kernels actually ran (deduplicated, without log prefixes)
+  grep -oE "(Running with [A-Za-z]+ backend[^\"]*|attention backend: .*|kernel [a-z0-9_]+: .*)" \
+      "$LOG_DIR/gpu_tests.log" | sort | uniq -c | sed 's/^ */backend used (count): /' >> "$SUMMARY" || true
   tail -n 1 "$LOG_DIR/gpu_tests.log" >> "$SUMMARY"
   grep -E "^SKIPPED" "$LOG_DIR/gpu_tests.log" | sed 's/^SKIPPED \[[0-9]*\] /test skipped: /' >> "$SKIPS" || true
 fi
