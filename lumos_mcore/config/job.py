@@ -53,9 +53,14 @@ class JobConfig:
             )
 
         v = self.validation
-        if v.interval and v.path is None and self.media is not None:
+        if (v.interval or v.holdout) and v.path is None and self.media is not None:
+            flag = (
+                f"validation.holdout={v.holdout}"
+                if v.holdout
+                else f"validation.interval={v.interval}"
+            )
             raise ValueError(
-                f"validation.interval={v.interval}: a raw-media job needs validation.path (held-out "
+                f"{flag}: a raw-media job needs validation.path (held-out "
                 "feature shards, e.g. from tools/encode_features.py)"
             )
         flow_sampler = v.grid_sampler == "euler"

@@ -94,7 +94,8 @@ class CheckpointConfig:
     keep_last: int = 2  # 0 keeps all
     load: str | None = None  # explicit checkpoint folder to start from (weights + state)
     # Weights-only start (progressive stages 256 -> 512 -> 1024): a previous stage's megatron
-    # checkpoint folder or checkpoint root (full training or weights-only export). Only the
+    # checkpoint folder or checkpoint root (full training or weights-only export), or an HF
+    # diffusers folder / Lumos-PixArt .pth / .safetensors file (converted on load). Only the
     # weights (and EMA) are read; optimizer, lr schedule and step start fresh. This run's own
     # checkpoints take precedence on resubmission.
     init_from: str | None = None
@@ -121,14 +122,20 @@ class ValidationConfig:
     """Periodic validation: held-out loss (fixed noise/timesteps) and a sample grid.
 
     The held-out set is ``validation.path`` (precomputed feature shards with an ``index.json``,
-    e.g. held-out media encoded by ``tools/encode_features.py``). Without it the first
-    ``num_samples`` samples of ``data.path`` in index order are used, which are *not* held out
-    (a warning says so); raw-media jobs need ``validation.path``.
+    e.g. held-out media encoded by ``tools/encode_features.py``), or, with ``holdout=H > 0``,
+    the last ``H`` samples of ``data.path``'s index: training never reads them (its epochs are
+    ``N - H`` samples long) and validation uses the first ``num_samples`` of them
+    (``num_samples`` and ``grid_samples`` must be <= ``H``). The split depends only on ``H``
+    (not on ``interval``), so keep it fixed across the resumes of a run: changing it changes
+    the training order. With neither, the first ``num_samples`` samples of ``data.path`` in
+    index order are used, which are *not* held out (a warning says so); raw-media jobs need
+    ``validation.path``.
     """
 
     interval: int = 0  # steps between validations; 0 = off
     path: str | None = None  # held-out feature shards (index.json); None = training subset
     num_samples: int = 32  # held-out samples per validation (all DP ranks together)
+    holdout: int = 0  # without path: reserve the last N samples of data.path for validation
     seed: int = 0  # seeds the fixed noise / timesteps of every held-out sample
     ema: bool = True  # with EMA weights: also log val/loss_ema and sample with the EMA weights
     grid_samples: int = 4  # images (videos: frame strips) in val/samples; 0 = no grid
@@ -141,6 +148,19 @@ class ValidationConfig:
             raise ValueError(f"validation.interval={self.interval}: must be >= 0 (0 = off)")
         if self.num_samples < 1:
             raise ValueError(f"validation.num_samples={self.num_samples}: must be >= 1")
+        if self.holdout < 0:
+            raise ValueError(f"validation.holdout={self.holdout}: must be >= 0 (0 = none)")
+        if self.holdout and self.path is not None:
+            raise ValueError(
+                f"validation.holdout={self.holdout} and validation.path={self.path}: set one "
+                "(holdout carves the held-out set out of data.path; path is a separate one)"
+            )
+        if self.holdout and max(self.num_samples, self.grid_samples) > self.holdout:
+            raise ValueError(
+                f"validation.num_samples={self.num_samples} / validation.grid_samples="
+                f"{self.grid_samples}: must be <= validation.holdout={self.holdout} (validation "
+                "reads only the held-out samples)"
+            )
         if self.seed < 0:
             raise ValueError(f"validation.seed={self.seed}: must be >= 0")
         if self.grid_samples < 0:

@@ -7,6 +7,9 @@ rank ``r`` of ``d`` takes the contiguous slice ``[r*GB/d, (r+1)*GB/d)`` of it, c
 micro-batches. The only state is ``consumed_samples``, so a run resumed at another DP size (or
 another global batch size) continues with exactly the samples the uninterrupted run would see;
 the global batch is the same set regardless of how it is split across ranks.
+
+``SampleRange`` limits a dataset to an index range without copying it (``split_tail``: the
+training view and the held-out tail of ``validation.holdout``).
 """
 
 from __future__ import annotations
@@ -125,6 +128,86 @@ class SampleSource(Protocol):
     def get_or_none(self, index: int) -> dict[str, Any] | None: ...
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]: ...
+
+
+class SampleRange:
+    """Samples ``[start, stop)`` of ``base`` as a dataset of their own, re-indexed from 0.
+
+    Carves a split out of one dataset without copying it: ``SampleRange(ds, 0, n - h)`` is
+    what training iterates (``MicroBatchIterator`` / ``PackedMicroBatchIterator`` never see an
+    index past ``n - h``: sample ``i`` of the view is ``base[start + i]``, a bad sample is
+    replaced inside the view), ``SampleRange(ds, n - h, n)`` the held-out tail. ``shard_sizes``
+    are the base's shards clipped to the range (empty ones dropped), so the global order keeps
+    its shard blocks. Samples keep their base ``index`` (the global sample id). ``cfg``,
+    ``bad_counts`` and ``num_bad`` are the base's (bad counts cover the whole dataset).
+    """
+
+    def __init__(self, base: Any, start: int, stop: int) -> None:
+        n = len(base)
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"sample range [{start}, {stop}): need 0 <= start < stop <= {n}")
+        self.base, self.start, self.stop = base, int(start), int(stop)
+        sizes = np.asarray(base.shard_sizes, dtype=np.int64)
+        ends = np.cumsum(sizes)
+        clipped = np.clip(ends, start, stop) - np.clip(ends - sizes, start, stop)
+        self.shard_sizes = clipped[clipped > 0]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def _base_index(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range [0, {len(self)})")
+        return self.start + index
+
+    @property
+    def cfg(self) -> Any:
+        return getattr(self.base, "cfg", None)
+
+    @property
+    def bad_counts(self) -> dict[str, int]:
+        return self.base.bad_counts
+
+    @property
+    def num_bad(self) -> int:
+        return self.base.num_bad
+
+    def get(self, index: int) -> dict[str, Any]:
+        return self.base.get(self._base_index(index))
+
+    def get_or_none(self, index: int) -> dict[str, Any] | None:
+        return self.base.get_or_none(self._base_index(index))
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return self.base.collate(samples)
+
+    def key(self, index: int) -> str:
+        return self.base.key(self._base_index(index))
+
+    def latent_shape(self, index: int) -> tuple[int, ...] | None:
+        return self.base.latent_shape(self._base_index(index))
+
+    def token_counts(self, patch_size: int) -> np.ndarray:
+        return np.asarray(self.base.token_counts(patch_size))[self.start : self.stop]
+
+    def is_known_bad(self, index: int) -> bool:
+        return self.base.is_known_bad(self._base_index(index))
+
+    def reject(self, index: int, reason: str, detail: str) -> None:
+        self.base.reject(self._base_index(index), reason, detail)
+
+    def iterator(self, **kwargs: Any) -> MicroBatchIterator:
+        """``MicroBatchIterator(self, **kwargs)``."""
+        return MicroBatchIterator(self, **kwargs)
+
+
+def split_tail(dataset: Any, holdout: int) -> tuple[SampleRange, SampleRange]:
+    """``(head, tail)``: the first ``len(dataset) - holdout`` samples and the last ``holdout``."""
+    n = len(dataset)
+    if not 0 < holdout < n:
+        raise ValueError(f"holdout={holdout}: need 0 < holdout < {n} (the dataset's samples)")
+    return SampleRange(dataset, 0, n - holdout), SampleRange(dataset, n - holdout, n)
 
 
 class MicroBatchIterator:

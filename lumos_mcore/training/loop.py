@@ -35,7 +35,7 @@ from lumos_mcore.training.setup import (
     use_bf16,
 )
 from lumos_mcore.training.step import DiffusionForwardStep, with_positions
-from lumos_mcore.training.validation import Validator
+from lumos_mcore.training.validation import Validator, holdout_split
 
 log = logging.getLogger("lumos_mcore.train")
 
@@ -272,6 +272,8 @@ class Trainer:
             _check_encoders_fit_model(encoders, job)
         else:
             self.dataset = FeatureDataset(job.data)
+        # validation.holdout: training never sees the held-out tail (the validator reads it).
+        train_set, _ = holdout_split(self.dataset, job)
         if job.data is not None and job.data.pack:
             # One pack per micro-batch; the pack count varies per step (same on every DP rank),
             # so the iterator updates num_microbatches for the next step as each step ends.
@@ -282,7 +284,7 @@ class Trainer:
             cp = self.info.cp_size
             zigzag = cp > 1 and getattr(core, "cp_mode", "contiguous") == "zigzag"
             data = PackedMicroBatchIterator(
-                self.dataset,
+                train_set,
                 global_batch_size=job.train.global_batch_size,
                 dp_rank=self.info.dp_rank,
                 dp_size=self.info.dp_size,
@@ -301,7 +303,7 @@ class Trainer:
             data.on_global_batch = lambda n: setattr(self, "num_microbatches", n)
             return StallTimer(data)
         data = MicroBatchIterator(
-            self.dataset,
+            train_set,
             global_batch_size=job.train.global_batch_size,
             micro_batch_size=job.train.micro_batch_size,
             dp_rank=self.info.dp_rank,

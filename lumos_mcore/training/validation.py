@@ -17,6 +17,10 @@ sample. Sampling calls the whole model per denoising step, which every rank of a
 does together; with pipeline parallelism the stages would need their own p2p schedule per call,
 so PP > 1 logs a one-time warning and skips the grid (the held-out loss still runs).
 
+**Held-out set**: ``validation.path``; or, with ``validation.holdout=H``, the last ``H``
+samples of ``data.path`` (:func:`holdout_split`: the trainer iterates only the first ``N - H``,
+the validator reads the tail); else the first training samples (not held out, one warning).
+
 Training is not disturbed: the global / megatron RNG states are saved and restored around
 validation, and the held-out set is read outside the training data stream.
 """
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.job import JobConfig
 from lumos_mcore.data.features import FeatureDataset
+from lumos_mcore.data.sampler import SampleRange, split_tail
 from lumos_mcore.diffusion.objective import build_objective
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.setup import unwrap
@@ -45,7 +50,33 @@ from lumos_mcore.training.step import DiffusionForwardStep
 
 log = logging.getLogger("lumos_mcore.train")
 
-__all__ = ["Validator", "latent_panels", "tile_rows"]
+__all__ = ["Validator", "holdout_split", "latent_panels", "tile_rows"]
+
+
+def holdout_split(dataset: Any, job: JobConfig) -> tuple[Any, SampleRange | None]:
+    """``(training samples, held-out samples)`` of the training ``dataset`` (``data.path``).
+
+    With ``validation.holdout=H > 0`` and no ``validation.path``: the first ``N - H`` samples
+    and the last ``H`` (:class:`~lumos_mcore.data.sampler.SampleRange` views); otherwise
+    ``(dataset, None)``. Raises, naming the flags, when ``H >= N`` or the job reads raw media.
+    """
+    v = job.validation
+    if not v.holdout or v.path is not None:
+        return dataset, None
+    if job.media is not None:
+        raise ValueError(
+            f"validation.holdout={v.holdout}: raw-media jobs (media.path={job.media.path}) "
+            "cannot hold out a tail of their media; set validation.path to held-out feature "
+            "shards (tools/encode_features.py) and validation.holdout=0"
+        )
+    n = len(dataset)
+    if v.holdout >= n:
+        raise ValueError(
+            f"validation.holdout={v.holdout}: data.path={job.data.path} has only {n} samples; "
+            "the holdout must leave at least one for training (lower validation.holdout or "
+            "give a separate validation.path)"
+        )
+    return split_tail(dataset, v.holdout)
 
 
 class _RNGGuard:
@@ -66,7 +97,11 @@ class _RNGGuard:
 
 
 class Validator:
-    """Held-out loss and sample grid of one training run (see the module docstring)."""
+    """Held-out loss and sample grid of one training run (see the module docstring).
+
+    ``train_dataset``: the whole ``data.path`` dataset (not the training view of
+    :func:`holdout_split`); with ``validation.holdout`` the validator reads its tail.
+    """
 
     def __init__(
         self,
@@ -92,13 +127,17 @@ class Validator:
                 DataConfig(path=v.path, num_workers=0, shuffle=False, cond_pad_to=pad)
             )
             self.held_out = True
+        elif v.holdout:
+            _, self.dataset = holdout_split(train_dataset, job)
+            self.held_out = True
         else:
             self.dataset = train_dataset
             self.held_out = False
             if dist.get_rank() == 0:
                 log.warning(
                     "validation.path is not set: val/loss is measured on the first %d samples "
-                    "of data.path, which training also sees (not held out)",
+                    "of data.path, which training also sees (not held out); set "
+                    "validation.holdout=N to reserve the last N samples for validation",
                     v.num_samples,
                 )
         mbs = job.train.micro_batch_size

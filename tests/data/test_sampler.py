@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lumos_mcore.data.features import collate_features
-from lumos_mcore.data.sampler import GlobalOrder, MicroBatchIterator
+from lumos_mcore.data.sampler import GlobalOrder, MicroBatchIterator, split_tail
 
 from .conftest import open_dataset
 
@@ -242,3 +242,70 @@ def test_iterator_validates_batch_geometry() -> None:
         MicroBatchIterator(src, global_batch_size=10, micro_batch_size=2, dp_rank=0, dp_size=4)
     with pytest.raises(ValueError, match="dp_rank=2, dp_size=2"):
         MicroBatchIterator(src, global_batch_size=8, micro_batch_size=2, dp_rank=2, dp_size=2)
+
+
+# ---- SampleRange: the training view of validation.holdout ----
+
+HOLDOUT = 10  # the last 10 of N = 52: shards [8, 8, 8, 8, 5, 7, 8] -> head [8, 8, 8, 8, 5, 5]
+
+
+def test_head_view_never_yields_the_tail_over_several_epochs() -> None:
+    n = sum(SHARDS)
+    bad = {n - HOLDOUT - 1, 3}  # the last head sample is bad: its stand-in must stay in the head
+    src = FakeSource(SHARDS, bad=bad)
+    head, tail = split_tail(src, HOLDOUT)
+    assert len(head) == n - HOLDOUT and len(tail) == HOLDOUT
+    assert head.shard_sizes.tolist() == [8, 8, 8, 8, 5, 5]
+    assert tail.shard_sizes.tolist() == [2, 8]
+    kw = dict(global_batch_size=6, micro_batch_size=3, seed=4, shards_per_block=2)
+    batches = run_dp(head, dp_size=2, batches=21, **kw)  # 126 positions = 3 epochs of 42
+    seen = sum(batches, [])
+    assert max(seen) < n - HOLDOUT and max(src.reads) < n - HOLDOUT  # the tail is never read
+    good = set(range(n - HOLDOUT)) - bad
+    for e in range(3):  # every epoch is the head once (bad samples replaced inside it)
+        epoch = seen[e * 42 : (e + 1) * 42]
+        assert set(epoch) == good
+    it = MicroBatchIterator(head, dp_rank=0, dp_size=1, consumed_samples=84, **kw)
+    assert it.epoch == 2  # epochs are N - holdout samples long
+    # The view re-indexes from 0; the tail's sample i is the base's sample n - HOLDOUT + i.
+    assert [int(tail.get_or_none(i)["index"]) for i in range(HOLDOUT)] == list(
+        range(n - HOLDOUT, n)
+    )
+    with pytest.raises(IndexError):
+        head.get_or_none(n - HOLDOUT)
+    with pytest.raises(ValueError, match=r"holdout=52: need 0 < holdout < 52"):
+        split_tail(src, n)
+
+
+@pytest.mark.parametrize("resume_dp", [1, 3])
+def test_head_view_resumes_at_another_dp_size_exactly(resume_dp: int) -> None:
+    head, _ = split_tail(FakeSource(SHARDS), HOLDOUT)
+    kw = dict(global_batch_size=6, micro_batch_size=2, seed=9)
+    reference = run_dp(head, dp_size=1, batches=12, **kw)  # 72 positions > one epoch of 42
+    resumed = run_dp(head, dp_size=resume_dp, batches=7, consumed=30, **kw)
+    assert resumed == reference[5:]
+    # The same as the global order of the clipped shards: consumed_samples means what it did.
+    order = GlobalOrder([8, 8, 8, 8, 5, 5], seed=9)
+    assert sum(reference, []) == order.indices(0, 72).tolist()
+
+
+def test_head_view_of_real_shards_maps_metadata_and_packs(small_dataset: Path) -> None:
+    from lumos_mcore.data.packing import PackedMicroBatchIterator
+
+    ds = open_dataset(small_dataset)  # N = 37, shards of 8
+    head, tail = split_tail(ds, 7)
+    assert head.shard_sizes.tolist() == [8, 8, 8, 6] and tail.shard_sizes.tolist() == [2, 5]
+    assert [tail.key(i) for i in range(7)] == [ds.key(i) for i in range(30, 37)]
+    assert tail.latent_shape(0) == ds.latent_shape(30)
+    np.testing.assert_array_equal(tail.token_counts(2), ds.token_counts(2)[30:])
+    assert torch.equal(tail.get(6)["latent"], ds.get(36)["latent"])
+    assert head.cfg is ds.cfg and head.bad_counts is ds.bad_counts
+    packed = PackedMicroBatchIterator(
+        head, global_batch_size=6, dp_rank=0, dp_size=1, capacity=48, patch_size=2
+    )
+    seen: list[int] = []
+    while len(seen) < 48:  # more than one epoch of 30
+        seen += next(packed)["index"].tolist()
+    packed.close()
+    assert max(seen) < 30  # never the tail
+    assert set(seen[:30]) == set(range(30))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, TrainConfig, ValidationConfig
 from lumos_mcore.data.synthetic import write_synthetic_feature_shards
@@ -204,3 +205,136 @@ def test_validation_config_errors_name_the_flag(tmp_path):
         make_job(
             data, tmp_path / "o", validation=ValidationConfig(interval=1, grid_sampler="euler")
         )
+
+
+# ---- validation.holdout: a held-out tail of data.path ----
+
+
+class _Recorder:
+    """Stands in for the trainer's data iterator and records the sample ids it yields."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.seen = batches, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.seen += batch["index"].tolist()
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+
+def _holdout_runs(rank: int, world: int, jobs: dict) -> dict:
+    from lumos_mcore.data.features import FeatureDataset
+    from lumos_mcore.training.loop import Trainer
+
+    out = {}
+    for name, job in jobs.items():
+        trainer = Trainer(job)
+        trainer.data = _Recorder(trainer.data)
+        v = trainer.validator
+        val_ids = [i for b in v.micro_batches() for i in b["index"].tolist()]
+        val_positions = [i for b in v.micro_batches() for i in b["position"].tolist()]
+        trainer.run()
+        full = FeatureDataset(job.data)
+        out[name] = {
+            "trained": trainer.data.seen,
+            "val_ids": val_ids,
+            "val_positions": val_positions,
+            "val_keys": [v.dataset.key(i) for i in range(len(v.dataset))],
+            "tail_keys": [full.key(i) for i in range(len(full) - 16, len(full))],
+            "val_len": len(v.dataset),
+            "held_out": v.held_out,
+            "n": len(full),
+        }
+    return out
+
+
+def test_holdout_tail_is_never_trained_and_is_the_validation_set(tmp_path):
+    """64 samples, ``validation.holdout=16``: 7 steps of 8 (56 > one epoch of 48) train only on
+    samples 0..47, every one of them in the first epoch; the validator reads exactly 48..63;
+    a run resumed at step 4 trains on the same samples as the uninterrupted one."""
+    data = make_data(tmp_path)  # 64 samples
+    validation = ValidationConfig(
+        interval=2, holdout=16, num_samples=16, grid_samples=2, grid_steps=2
+    )
+
+    def job(out, steps):
+        return make_job(
+            data,
+            tmp_path / out,
+            steps=steps,
+            validation=validation,
+            checkpoint=CheckpointConfig(save_interval=4),
+        )
+
+    jobs = {"full": job("full", 7), "split_a": job("split", 4), "split_b": job("split", 7)}
+    res = run_distributed(_holdout_runs, 1, jobs, timeout=300)[0]
+    full = res["full"]
+    assert full["n"] == 64 and full["held_out"] and full["val_len"] == 16
+    trained = full["trained"]
+    assert len(trained) == 7 * 8
+    assert max(trained) < 48  # no held-out sample over more than one epoch
+    assert sorted(trained[:48]) == list(range(48))  # epoch 0 is exactly the 48 training samples
+    assert set(trained[48:]) <= set(range(48))
+    # The validator's samples are the tail of data.path, in order.
+    assert full["val_ids"] == list(range(48, 64))
+    assert full["val_keys"] == full["tail_keys"]
+    assert full["val_positions"] == list(range(16))
+    # Resume: steps 1-4 then 5-7 see the uninterrupted run's samples.
+    assert res["split_a"]["trained"] + res["split_b"]["trained"] == trained
+    recs, split = _records(tmp_path / "full"), _records(tmp_path / "split")
+    for step in (2, 4, 6):
+        assert math.isfinite(recs[step]["val/loss"])
+        assert recs[step]["val/loss"] == split[step]["val/loss"]
+
+
+def test_holdout_config_errors_name_the_flags(tmp_path):
+    from lumos_mcore.data.features import FeatureDataset
+    from lumos_mcore.training.validation import holdout_split
+    from tests.training.helpers import make_media_job
+
+    with pytest.raises(ValueError, match=r"validation.holdout=-1: must be >= 0"):
+        ValidationConfig(holdout=-1)
+    with pytest.raises(
+        ValueError, match=r"validation.num_samples=32 .* must be <= validation.holdout=8"
+    ):
+        ValidationConfig(holdout=8)
+    with pytest.raises(
+        ValueError, match=r"validation.grid_samples=12: must be <= validation.holdout=8"
+    ):
+        ValidationConfig(holdout=8, num_samples=8, grid_samples=12)
+    val = write_synthetic_feature_shards(
+        tmp_path / "val", num_samples=4, latent_size=8, cond_tokens=1, cond_dim=32
+    )
+    with pytest.raises(ValueError, match=r"validation.holdout=8 and validation.path="):
+        ValidationConfig(holdout=8, num_samples=8, path=str(val))
+
+    data = make_data(tmp_path, num_samples=16)
+    ds = FeatureDataset(DataConfig(path=str(data), num_workers=0))
+    for holdout in (16, 20):  # refused up front: nothing left to train on
+        v = ValidationConfig(interval=1, holdout=holdout, num_samples=8, grid_samples=2)
+        job = make_job(data, tmp_path / "o", validation=v)
+        with pytest.raises(
+            ValueError, match=rf"validation.holdout={holdout}: data.path=.* has only 16 samples"
+        ):
+            holdout_split(ds, job)
+    v = ValidationConfig(interval=1, holdout=4, num_samples=4, grid_samples=2)
+    head, tail = holdout_split(ds, make_job(data, tmp_path / "o", validation=v))
+    assert (len(head), len(tail), tail.start) == (12, 4, 12)
+    # No holdout (or a separate path): training reads the whole dataset.
+    assert holdout_split(ds, make_job(data, tmp_path / "o")) == (ds, None)
+
+    # Raw-media jobs cannot carve a tail out of their media: refused when the job is loaded.
+    media_job = make_media_job(tmp_path / "m")
+    v = ValidationConfig(holdout=4, num_samples=4, grid_samples=2)
+    with pytest.raises(
+        ValueError, match=r"validation.holdout=4: a raw-media job needs validation.path"
+    ):
+        dataclasses.replace(media_job, validation=v)
+    with pytest.raises(ValueError, match=r"validation.interval=1: a raw-media job needs"):
+        dataclasses.replace(media_job, validation=ValidationConfig(interval=1))
