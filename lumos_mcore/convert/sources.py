@@ -35,6 +35,7 @@ __all__ = [
     "WeightSource",
     "detect_format",
     "model_config_from_dict",
+    "open_safetensors_file",
     "open_source",
 ]
 
@@ -239,6 +240,34 @@ def _pth_source(path: Path, ema: bool | None, num_heads: int | None) -> WeightSo
     except ConversionError as err:
         raise ConversionError(f"{path}: {err}") from None
     return _dict_source(sd, "hf", cfg, f"released Lumos checkpoint {path}", False)
+
+
+def open_safetensors_file(path: str | os.PathLike, *, num_heads: int | None = None) -> WeightSource:
+    """A single ``.safetensors`` file holding a state dict in the released Lumos /
+    ``LumosTransformer2DModel`` naming (as a ``.pth`` does), without a ``config.json``.
+
+    The architecture is read off the tensors as for a ``.pth`` (``lumos_pth.infer_model_config``;
+    ``num_heads`` as there). Only the header and a stored ``pos_embed`` table are read here; the
+    weights stream one tensor at a time (memory-mapped).
+    """
+    from safetensors import safe_open
+
+    from lumos_mcore.models.dit.lumos_pth import infer_model_config
+
+    path = Path(path)
+    specs = _safetensors_specs(path)
+    pos_embed = None
+    if any(s.name == "pos_embed" for s in specs):
+        with safe_open(str(path), framework="pt") as f:
+            pos_embed = f.get_tensor("pos_embed")
+        specs = [s for s in specs if s.name != "pos_embed"]
+    shapes = {s.name: torch.empty(s.shape, dtype=s.dtype, device="meta") for s in specs}
+    try:
+        cfg = infer_model_config(shapes, num_heads=num_heads, pos_embed=pos_embed)
+    except ConversionError as err:
+        raise ConversionError(f"{path}: {err}") from None
+    stream = _safetensors_stream([path], [specs])
+    return WeightSource("hf", specs, stream, cfg, f"safetensors file {path}", False)
 
 
 def open_source(

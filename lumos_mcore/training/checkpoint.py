@@ -14,6 +14,10 @@ saved at one TP/PP/DP layout loads at another.
 Contents: model weights (``model`` / ``model<i>`` per virtual stage), optimizer state, EMA weights
 (``ema.*`` keys), lr schedule, the training state (step, consumed samples, data-loader state,
 the config) and each rank's RNG states (restored when the world size is unchanged).
+
+Weights-only starts (``checkpoint.init_from``, :meth:`Checkpointer.load_weights`) also read a
+Hugging Face (diffusers) model folder or a Lumos / PixArt ``.pth`` / ``.safetensors`` file,
+converted by ``lumos_mcore.convert`` and sliced for each rank's TP shards / PP stages.
 """
 
 from __future__ import annotations
@@ -261,7 +265,9 @@ class Checkpointer:
         """Weights only (a converted export, or a previous stage's training checkpoint): the
         optimizer state, lr schedule, step and RNG are not read, so training starts fresh.
 
-        ``path`` is a checkpoint folder or a checkpoint root (its newest complete checkpoint).
+        ``path`` is a megatron checkpoint folder or checkpoint root (its newest complete
+        checkpoint), or any other source :func:`detect_init_source` recognises (a diffusers
+        folder, a ``.pth`` / ``.safetensors`` file; see :func:`_load_converted_weights`).
         Keys are matched by global sharded key and global shape, so any saved TP / PP layout
         loads. ``strict``: a model key missing from the checkpoint, a stored weight the model
         has no slot for, or a shape mismatch raises ``ValueError`` naming the keys; otherwise
@@ -270,6 +276,11 @@ class Checkpointer:
         stored EMA where there is one, else restarts from the loaded weights. Returns the
         stored train state with ``step`` 0, and the report.
         """
+        kind = detect_init_source(path)
+        if kind != "mcore":
+            return _load_converted_weights(
+                path, kind, chunks, optimizer, ema, strict=strict, from_ema=from_ema
+            )
         path = resolve_checkpoint(path)
         common = dist_checkpointing.load_common_state_dict(str(path))
         stored = {
@@ -304,15 +315,7 @@ class Checkpointer:
                 report.loaded.append(sh.key)
             request[f"chunk{i}"] = wanted
             keep.append(names)
-        # Every rank judges the whole model (pipeline stages hold different keys), so all
-        # agree on strict failures and nothing owned by another stage counts as unexpected.
-        mine = (report.loaded, report.missing, report.mismatched)
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        report.loaded = [k for r in everyone for k in r[0]]
-        report.missing = [k for r in everyone for k in r[1]]
-        report.mismatched = sorted({tuple(m) for r in everyone for m in r[2]})
-        requested = set(report.loaded) | set(report.missing) | {k for k, *_ in report.mismatched}
+        requested = _gather_report(report)
         report.unexpected = sorted(
             k[len(prefix) :]
             for k in stored
@@ -321,12 +324,8 @@ class Checkpointer:
             and (prefix or not k.startswith(_EMA))
             and k[len(prefix) :] not in requested
         )
-        report.missing, report.loaded = sorted(set(report.missing)), sorted(set(report.loaded))
         if strict and not report.ok:
-            raise ValueError(
-                f"checkpoint {path} does not fit the model: {report.describe()}; set "
-                "checkpoint.init_strict=false to load the matching keys only"
-            )
+            raise _does_not_fit(f"checkpoint {path}", report)
         loaded = dist_checkpointing.load(request, str(path))
         with torch.no_grad():
             for i, chunk in enumerate(chunks):
@@ -402,6 +401,235 @@ class WeightsReport:
             shapes = [f"{k} checkpoint {a} vs model {b}" for k, a, b in self.mismatched]
             parts.append(f"shape mismatch (kept initialisation): {few(shapes)}")
         return "; ".join(parts)
+
+
+def _gather_report(report: WeightsReport) -> set[str]:
+    """Merge the ranks' loaded / missing / mismatched keys into ``report`` (sorted, deduplicated)
+    and return every key some rank asked for.
+
+    Every rank judges the whole model (pipeline stages hold different keys), so all agree on
+    strict failures and nothing owned by another stage counts as unexpected.
+    """
+    mine = (report.loaded, report.missing, report.mismatched)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    report.loaded = sorted({k for r in everyone for k in r[0]})
+    report.missing = sorted({k for r in everyone for k in r[1]})
+    report.mismatched = sorted({tuple(m) for r in everyone for m in r[2]})
+    return set(report.loaded) | set(report.missing) | {k for k, *_ in report.mismatched}
+
+
+def _does_not_fit(what: str, report: WeightsReport) -> ValueError:
+    return ValueError(
+        f"{what} does not fit the model: {report.describe()}; set "
+        "checkpoint.init_strict=false to load the matching keys only"
+    )
+
+
+# -- weights-only starts from other formats (checkpoint.init_from) ---------------------------
+# What ``checkpoint.init_from`` accepts besides megatron checkpoints, by detect_init_source kind.
+INIT_SOURCE_KINDS = {
+    "mcore": "megatron checkpoint",
+    "hf": "Hugging Face (diffusers) LumosTransformer2DModel folder",
+    "pixart-diffusers": "diffusers PixArtTransformer2DModel folder",
+    "lumos-pth": "Lumos / PixArt .pth file",
+    "safetensors": ".safetensors file",
+}
+_PTH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+_KINDS_HELP = (
+    "expected a megatron checkpoint folder or root (metadata.json / latest / iter_*), a "
+    "diffusers model folder (config.json + *.safetensors, or a pipeline's transformer/), a "
+    f"{' / '.join(_PTH_SUFFIXES)} file or a .safetensors file"
+)
+
+
+def detect_init_source(path: str | os.PathLike) -> str:
+    """The kind of a ``checkpoint.init_from`` source (a key of :data:`INIT_SOURCE_KINDS`).
+
+    Folders: a megatron checkpoint (``metadata.json``) or checkpoint root (``latest`` /
+    ``iter_*``) is ``mcore``; a diffusers model folder (``config.json``, directly or in
+    ``transformer/``) is ``hf`` or ``pixart-diffusers`` by its ``_class_name``. Files: ``.pth`` /
+    ``.pt`` / ``.ckpt`` / ``.bin`` are ``torch.save`` state dicts or training containers
+    (``lumos-pth``); ``.safetensors`` is a state dict in the released naming. Raises
+    ``FileNotFoundError`` for a missing path, ``ValueError`` for anything else.
+    """
+    from lumos_mcore.convert.mcore_reader import is_mcore_checkpoint
+    from lumos_mcore.convert.sources import detect_format
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: does not exist")
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            return "safetensors"
+        if suffix in _PTH_SUFFIXES:
+            return "lumos-pth"
+        raise ValueError(
+            f"{path}: cannot tell the kind of a {suffix or 'suffix-less'} file; {_KINDS_HELP}"
+        )
+    if is_mcore_checkpoint(path):
+        return "mcore"
+    if not any((d / "config.json").is_file() for d in (path, path / "transformer")):
+        raise ValueError(f"{path}: not a recognised checkpoint folder; {_KINDS_HELP}")
+    return detect_format(path)  # hf / pixart-diffusers, or ConversionError naming the class
+
+
+def _open_init_source(path: Path, kind: str, model_cfg, *, ema: bool):
+    """``convert.sources`` WeightSource of a non-megatron init source. A ``.pth`` /
+    ``.safetensors`` file records no head count: it gets the live model's."""
+    from lumos_mcore.convert.sources import open_safetensors_file, open_source
+    from lumos_mcore.models.dit.hf_adapter import ConversionError
+
+    if kind == "safetensors":
+        return open_safetensors_file(path, num_heads=model_cfg.num_heads_)
+    if kind == "lumos-pth":
+        try:
+            return open_source(path, kind, ema=ema, num_heads=model_cfg.num_heads_)
+        except ConversionError as err:
+            if ema and "no EMA weights" in str(err):
+                raise ValueError(
+                    f"{path}: holds no EMA weights (no ema / state_dict_ema / model_ema "
+                    "container); drop checkpoint.init_from_ema"
+                ) from None
+            raise
+    return open_source(path, kind, cond_tokens=model_cfg.cond_tokens)
+
+
+def _pth_ema_source(path: Path, model_cfg):
+    """The EMA weights of a ``.pth`` training container, or None when it stores none."""
+    from lumos_mcore.models.dit.hf_adapter import ConversionError
+
+    try:
+        return _open_init_source(path, "lumos-pth", model_cfg, ema=True)
+    except (ConversionError, ValueError):
+        return None
+
+
+def _global_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    from lumos_mcore.models.dit.state_dict import tp_partition
+
+    shape, dim = list(param.shape), tp_partition(param)
+    if dim is not None:
+        shape[dim] *= tp_size
+    return tuple(shape)
+
+
+def _stream_into(source, slots: dict[str, list]) -> None:
+    """Copy ``source``'s weights (converted to megatron names, one tensor at a time) into this
+    rank's shards: ``slots`` maps a global name to the ``(tensor, param)`` pairs to fill (a
+    replicated embedder appears once per virtual stage)."""
+    from contextlib import closing
+
+    from megatron.core import parallel_state
+
+    from lumos_mcore.convert.pipeline import convert_stream, resolve_model_config
+    from lumos_mcore.models.dit.state_dict import shard_for_rank
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    stream = convert_stream(source, resolve_model_config(source), "mcore")
+    with torch.no_grad(), closing(stream):
+        for name, full in stream:
+            for dst, param in slots.get(name, ()):
+                dst.copy_(shard_for_rank(full, param, tp_rank, tp_size))
+
+
+def _load_converted_weights(
+    path: str | os.PathLike,
+    kind: str,
+    chunks: list[nn.Module],
+    optimizer=None,
+    ema: EMA | None = None,
+    *,
+    strict: bool = True,
+    from_ema: bool = False,
+) -> tuple[dict[str, Any], WeightsReport]:
+    """``Checkpointer.load_weights`` for a diffusers folder or a ``.pth`` / ``.safetensors``.
+
+    The source is opened and converted to full megatron names by ``lumos_mcore.convert``
+    (checked against its own recorded or inferred architecture), then every rank streams it
+    and keeps the slices of its own TP shards / PP stages. Keys are full megatron parameter
+    names with global layer indices (``decoder.layers.<i>.<name>``); fit is judged on names
+    and global shapes before any weight is copied. ``from_ema``: only a ``.pth`` training
+    container holds EMA weights besides the training ones (``ema`` / ``state_dict_ema`` /
+    ``model_ema``); its EMA also seeds the run's EMA when training weights are loaded. Other
+    sources hold one set of weights: ``from_ema`` is an error, the EMA restarts from them.
+    """
+    from megatron.core import parallel_state
+
+    from lumos_mcore.convert.pipeline import plan_conversion, resolve_model_config
+    from lumos_mcore.models.dit.state_dict import global_name
+
+    path = Path(path)
+    model_cfg = unwrap(chunks[0]).model_cfg
+    if from_ema and kind != "lumos-pth":
+        raise ValueError(
+            f"{path}: a {INIT_SOURCE_KINDS[kind]} holds one set of weights (no EMA); drop "
+            "checkpoint.init_from_ema (tools/convert_checkpoint.py --ema exports a megatron "
+            "checkpoint's EMA weights)"
+        )
+    source = _open_init_source(path, kind, model_cfg, ema=from_ema)
+    src_cfg = resolve_model_config(source)
+    if (
+        source.config_is_recorded
+        and src_cfg.hidden_size_ == model_cfg.hidden_size_
+        and src_cfg.num_heads_ != model_cfg.num_heads_
+    ):
+        raise ValueError(
+            f"model.num_heads={model_cfg.num_heads_}: {source.description} has "
+            f"num_heads={src_cfg.num_heads_}; fused QKV rows are grouped per head, so the head "
+            "count of a trained model cannot change"
+        )
+    stored = {s.name: tuple(s.shape) for s in plan_conversion(source, src_cfg, "mcore")}
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    report = WeightsReport(source.description)
+    slots: dict[str, list] = {}  # global name -> [(destination, the param it is sliced like)]
+    local: list[tuple[int, str, str]] = []  # (chunk, local name, global name) of loaded params
+    for i, chunk in enumerate(chunks):
+        core = unwrap(chunk)
+        for name, param in core.named_parameters():
+            key, want = global_name(core, name), _global_shape(param, tp_size)
+            if key not in stored:
+                report.missing.append(key)
+            elif stored[key] != want:
+                report.mismatched.append((key, stored[key], want))
+            else:
+                report.loaded.append(key)
+                slots.setdefault(key, []).append((param, param))
+                local.append((i, name, key))
+    requested = _gather_report(report)
+    report.unexpected = sorted(k for k in stored if k not in requested)
+    if strict and not report.ok:
+        raise _does_not_fit(source.description, report)
+
+    _stream_into(source, slots)
+    if optimizer is not None and hasattr(optimizer, "reload_model_params"):
+        optimizer.reload_model_params()  # fp32 main copies (see load_weights)
+    if ema is not None:
+        ema.reset(chunks)
+        # A .pth training container's EMA seeds the run's EMA, as a megatron checkpoint's does.
+        ema_source = None
+        if kind == "lumos-pth" and not from_ema:
+            ema_source = _pth_ema_source(path, model_cfg)
+        if ema_source is not None:
+            ema_cfg = resolve_model_config(ema_source)
+            has = {s.name: tuple(s.shape) for s in plan_conversion(ema_source, ema_cfg, "mcore")}
+            params = [dict(unwrap(c).named_parameters()) for c in chunks]
+            ema_slots: dict[str, list] = {}
+            for i, name, key in local:
+                if has.get(key) == stored[key]:
+                    ema_slots.setdefault(key, []).append((ema.shadow[i][name], params[i][name]))
+            _stream_into(ema_source, ema_slots)
+    log.info(
+        "loaded weights from %s (no optimizer state: training starts at step 0)%s",
+        source.description,
+        "" if report.ok else f"; {report.describe()}",
+    )
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"step": 0, "weights_only": True, "source_format": kind}, report
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
