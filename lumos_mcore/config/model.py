@@ -14,6 +14,9 @@ VIDEO_ATTENTION = ("spatial_temporal", "full_3d")
 POS_EMBEDS = ("sincos", "rope")
 NORMS = ("layernorm", "rmsnorm")
 CP_LAYOUTS = ("auto", "contiguous", "zigzag")
+# megatron's fp8_recipe names (TransformerEngine recipes) and fp8 formats; see ops/te_fp8.py
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_FORMATS = ("hybrid", "e4m3")
 
 
 @dataclass
@@ -54,6 +57,13 @@ class ModelConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    # FP8 GEMMs of the transformer layers (TransformerEngine spec, CUDA): a megatron fp8_recipe
+    # name, or None = bf16. The adaLN, embedders and final layer always stay bf16.
+    fp8: str | None = None
+    fp8_format: str = "hybrid"  # hybrid = e4m3 forward, e5m2 gradients
+    # layers at each end of the stack kept bf16; None = 1 (0 with delayed, which megatron
+    # runs as one autocast region and so cannot exempt layers)
+    fp8_bf16_layers: int | None = None
     depth: int | None = None
     hidden_size: int | None = None
     num_heads: int | None = None
@@ -128,6 +138,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.recompute_num_layers={self.recompute_num_layers}: must be positive"
             )
+        if self.fp8 is not None:
+            self._check_fp8()
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"model.latent_size={self.latent_size}: not divisible by the patch size "
@@ -145,6 +157,41 @@ class ModelConfig:
             )
 
     # Resolved architecture (registry + overrides).
+
+    def _check_fp8(self) -> None:
+        _choice("model.fp8", self.fp8, FP8_RECIPES)
+        _choice("model.fp8_format", self.fp8_format, FP8_FORMATS)
+        if self.spec == "local":
+            raise ValueError(
+                f"model.fp8={self.fp8!r}: FP8 runs in TransformerEngine's linears; set "
+                "model.spec=te (or auto) or drop model.fp8"
+            )
+        if self.precision == "fp32":
+            raise ValueError(
+                f"model.fp8={self.fp8!r}: FP8 training keeps bf16 weights and activations; set "
+                "model.precision=bf16 (or auto on CUDA)"
+            )
+        bf16_layers = self.fp8_bf16_layers
+        if bf16_layers is not None and bf16_layers < 0:
+            raise ValueError(f"model.fp8_bf16_layers={bf16_layers}: must be >= 0")
+        if self.fp8 == "delayed" and bf16_layers:
+            raise ValueError(
+                f"model.fp8_bf16_layers={bf16_layers}: the delayed recipe cannot keep layers in "
+                "bf16 (megatron runs it as one autocast region); set 0 or fp8=tensorwise"
+            )
+        if bf16_layers is not None and 2 * bf16_layers >= self.depth_:
+            raise ValueError(
+                f"model.fp8_bf16_layers={bf16_layers}: with {self.depth_} layers none would "
+                "run in FP8; lower it or drop model.fp8"
+            )
+
+    @property
+    def fp8_bf16_layers_(self) -> int:
+        """Layers at each end kept bf16 under FP8 (the default resolved)."""
+        if self.fp8_bf16_layers is not None:
+            return self.fp8_bf16_layers
+        return 0 if self.fp8 == "delayed" or self.depth_ <= 2 else 1
+
     @property
     def patch_size(self) -> int:
         from lumos_mcore.models.common.registry import get_model_size

@@ -191,6 +191,7 @@ class Trainer:
                 rows=job.train.micro_batch_size * job.model.num_tokens,
                 mlp_ratio=job.model.mlp_ratio,
                 given_tflops=job.train.peak_tflops,
+                dtype="fp8" if job.model.fp8 else "bf16",  # FP8 GEMMs: against the FP8 peak
             )
             log.info(
                 "MFU denominator: %.4g TFLOP/s per rank (%s), %d ranks; %.4g model TFLOP/step",

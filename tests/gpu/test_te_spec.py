@@ -206,3 +206,27 @@ def test_te_spec_initialises_like_the_local_spec():
     assert te_params.keys() == dict(local.named_parameters()).keys()
     for name, p in local.named_parameters():
         assert torch.equal(te_params[name], p), name
+
+
+def test_model_fp8_flag_trains_in_fp8():
+    """``model.fp8=tensorwise`` (the job config route) gives megatron's FP8 fields and a model
+    whose layer GEMMs run in FP8 (first / last layers bf16), with finite gradients."""
+    from transformer_engine.pytorch.module.base import TransformerEngineBaseModule
+
+    model, config = build_dit(tiny_model_kwargs(fp8="tensorwise"), "te")
+    assert (config.fp8, config.fp8_recipe, config.first_last_layers_bf16) == (
+        "hybrid",
+        "tensorwise",
+        True,
+    )
+    randomize_(model)
+    batch = tiny_batch(KW)
+    out = model(batch["latents"], batch["timesteps"], batch["cond"])
+    out.float().square().mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    fc1 = {
+        n: getattr(m, "fp8", None)
+        for n, m in model.named_modules()
+        if isinstance(m, TransformerEngineBaseModule) and n.endswith("linear_fc1")
+    }
+    assert fc1 and [fc1[n] for n in sorted(fc1)] == [False, True, False], fc1  # 3 layers

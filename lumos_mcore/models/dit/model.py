@@ -130,11 +130,33 @@ def build_transformer_config(
         # 3-D RoPE rotates adjacent channel pairs (models.common.rope).
         rotary_interleaved=cfg.pos_embed == "rope",
         **recompute,
-        **overrides,
+        **{**_fp8_overrides(cfg, bf16), **overrides},
     )
     # Replicated timestep/condition embedders on every pipeline stage (see module docstring).
     config.has_cond_embedder = pp > 1
     return config
+
+
+def _fp8_overrides(cfg: ModelConfig, bf16: bool) -> dict:
+    """megatron's FP8 fields for ``model.fp8`` (empty without it); refused where FP8 cannot run."""
+    if cfg.fp8 is None:
+        return {}
+    from lumos_mcore.ops.te_fp8 import fp8_config_overrides
+
+    if not bf16:
+        raise ValueError(
+            f"model.fp8={cfg.fp8!r}: needs bf16 weights and activations, but this run is fp32 "
+            "(model.precision=auto is fp32 without CUDA); set model.precision=bf16 on a GPU"
+        )
+    if not torch.cuda.is_available() or not use_te_spec(cfg.spec):
+        raise ValueError(
+            f"model.fp8={cfg.fp8!r}: needs TransformerEngine on a CUDA GPU (here: "
+            f"{'TransformerEngine is not importable' if torch.cuda.is_available() else 'no CUDA'})"
+            "; drop model.fp8 to train in bf16"
+        )
+    return fp8_config_overrides(
+        cfg.fp8, fp8_format=cfg.fp8_format, bf16_layers_at_ends=cfg.fp8_bf16_layers_
+    )
 
 
 def _gelu_tanh(x: Tensor) -> Tensor:
