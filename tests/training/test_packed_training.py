@@ -49,42 +49,33 @@ def _packed_job(data, out, steps, capacity=56, **parallel):
     return job
 
 
-def test_packed_training_cp2_equals_cp1(tmp_path):
-    """Packs from the loader split over two context-parallel ranks train exactly as on one."""
+def _assert_two_ranks_equal_one(tmp_path, capacity: int, **parallel) -> None:
+    """3 packed steps on two ranks laid out as ``parallel`` give one rank's per-step losses."""
     data = write_synthetic_feature_shards(
         tmp_path / "data", num_samples=16, shapes=SHAPES, cond_tokens=1, cond_dim=32, seed=0
     )
     steps = 3
     (ref,) = run_distributed(
-        train_in_process, 1, _packed_job(data, tmp_path / "cp1", steps), timeout=300
+        train_in_process, 1, _packed_job(data, tmp_path / "one", steps, capacity), timeout=300
     )
-    results = run_distributed(
-        train_in_process, 2, _packed_job(data, tmp_path / "cp2", steps, cp=2), timeout=300
-    )
+    job = _packed_job(data, tmp_path / "two", steps, capacity, **parallel)
+    results = run_distributed(train_in_process, 2, job, timeout=300)
     losses = [r for r in results if r["losses"]][0]["losses"]
     assert len(losses) == steps
     for a, b in zip(losses, ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (losses, ref["losses"])
+
+
+def test_packed_training_cp2_equals_cp1(tmp_path):
+    """Packs from the loader split over two context-parallel ranks train exactly as on one."""
+    _assert_two_ranks_equal_one(tmp_path, 56, cp=2)
 
 
 def test_packed_training_pp2_equals_pp1(tmp_path):
     """Under pipeline parallelism every pack is padded to model.num_tokens (fixed activation
     shapes between stages); the padding changes nothing: per-step losses equal PP=1's."""
-    data = write_synthetic_feature_shards(
-        tmp_path / "data", num_samples=16, shapes=SHAPES, cond_tokens=1, cond_dim=32, seed=0
-    )
-    steps = 3
     # pack_capacity <= model.num_tokens = 3 frames x 4 x 4 = 48 (the fixed PP pack length)
-    (ref,) = run_distributed(
-        train_in_process, 1, _packed_job(data, tmp_path / "pp1", steps, 48), timeout=300
-    )
-    results = run_distributed(
-        train_in_process, 2, _packed_job(data, tmp_path / "pp2", steps, 48, pp=2), timeout=300
-    )
-    losses = [r for r in results if r["losses"]][0]["losses"]
-    assert len(losses) == steps
-    for a, b in zip(losses, ref["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref["losses"])
+    _assert_two_ranks_equal_one(tmp_path, 48, pp=2)
 
 
 def test_packed_training_dp2_loss_goes_down(tmp_path):
