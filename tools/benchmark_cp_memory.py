@@ -102,26 +102,6 @@ def _measure(args: dict, layout: dict) -> list[dict]:
     return [_measure_one(args, layout, pcfg, frames) for frames in args["frames"]]
 
 
-class _SavedBytes:
-    """``saved_tensors_hooks`` pack hook: bytes of the storages autograd keeps for backward,
-    each storage once, the parameters' storages (weights saved by linear layers) excluded."""
-
-    def __init__(self, params) -> None:
-        self.storages: dict[int, int] = {}
-        self.params = {p.untyped_storage().data_ptr() for p in params}
-
-    def __call__(self, x):
-        if isinstance(x, torch.Tensor):
-            st = x.untyped_storage()
-            if st.data_ptr() not in self.params:
-                self.storages[st.data_ptr()] = st.nbytes()
-        return x
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def _measure_one(args: dict, layout: dict, pcfg, frames: int) -> dict:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -129,7 +109,8 @@ def _measure_one(args: dict, layout: dict, pcfg, frames: int) -> dict:
     from lumos_mcore.config.model import ModelConfig
     from lumos_mcore.diffusion.objective import build_objective
     from lumos_mcore.parallel.state import initialize_parallel
-    from lumos_mcore.training.setup import build_model
+    from lumos_mcore.perf.memory import SavedTensorBytes, estimate_memory
+    from lumos_mcore.training.setup import build_model, use_bf16
     from lumos_mcore.training.step import DiffusionForwardStep, with_positions
 
     cuda = torch.cuda.is_available()
@@ -165,11 +146,11 @@ def _measure_one(args: dict, layout: dict, pcfg, frames: int) -> dict:
     )
     fwd_bwd = get_forward_backward_func()
 
-    def step(counter: _SavedBytes | None) -> tuple[float, int]:
+    def step(counter: SavedTensorBytes | None) -> tuple[float, int]:
         def forward_step(data_iterator, model):
             if counter is None:
                 return fstep(data_iterator, model)
-            with torch.autograd.graph.saved_tensors_hooks(counter, lambda x: x):
+            with counter:
                 return fstep(data_iterator, model)
 
         for chunk in chunks:
@@ -205,7 +186,7 @@ def _measure_one(args: dict, layout: dict, pcfg, frames: int) -> dict:
 
     step(None)  # warm-up (allocator, caches)
     torch.distributed.barrier()
-    counter = _SavedBytes(p for chunk in chunks for p in chunk.parameters())
+    counter = SavedTensorBytes(p for chunk in chunks for p in chunk.parameters())
     dt, peak = step(counter)
     for _ in range(args["repeats"] - 1):  # the machine may be shared: keep the fastest step
         torch.distributed.barrier()
@@ -215,6 +196,8 @@ def _measure_one(args: dict, layout: dict, pcfg, frames: int) -> dict:
         "tokens": mcfg.num_tokens,
         "rank": info.rank,
         "activation_bytes": counter.total,
+        # the analytic count of lumos_mcore.perf.memory for the same layout
+        "activation_estimate_bytes": estimate_memory(mcfg, pcfg, bf16=use_bf16(mcfg)).activations,
         "peak_increase_bytes": peak,
         "step_s": dt,
     }
@@ -261,6 +244,7 @@ def run_layout(name: str, args: dict) -> list[dict]:
                 "frames": frames,
                 "tokens": rows[0]["tokens"],
                 "activation_mib": max(r["activation_bytes"] for r in rows) / 2**20,
+                "estimate_mib": max(r["activation_estimate_bytes"] for r in rows) / 2**20,
                 "peak_increase_mib": max(r["peak_increase_bytes"] for r in rows) / 2**20,
                 "step_s": max(r["step_s"] for r in rows),
             }
@@ -271,9 +255,9 @@ def run_layout(name: str, args: dict) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     base = {r["tokens"]: r for r in rows if r["layout"] == "cp1"}
     lines = [
-        "| layout | frames | tokens | activation MiB/rank | x CP=1 | peak RSS +MiB/rank | "
-        "x CP=1 | step s | x CP=1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layout | frames | tokens | activation MiB/rank | x CP=1 | estimate MiB | "
+        "peak RSS +MiB/rank | x CP=1 | step s | x CP=1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (r["tokens"], list(LAYOUTS).index(r["layout"]))):
         b = base.get(r["tokens"])
@@ -283,7 +267,8 @@ def format_table(rows: list[dict]) -> str:
 
         lines.append(
             f"| {r['layout']} | {r['frames']} | {r['tokens']} | {r['activation_mib']:.1f} | "
-            f"{ratio('activation_mib')} | {r['peak_increase_mib']:.1f} | "
+            f"{ratio('activation_mib')} | {r['estimate_mib']:.1f} | "
+            f"{r['peak_increase_mib']:.1f} | "
             f"{ratio('peak_increase_mib')} | {r['step_s']:.2f} | {ratio('step_s')} |"
         )
     return "\n".join(lines)

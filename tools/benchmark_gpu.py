@@ -90,6 +90,7 @@ class Row:
     mfu: float | None = None
     hfu: float | None = None
     peak_mem_gb: float | None = None
+    est_mem_gb: float | None = None  # lumos_mcore.perf.memory's count for the timed stack
     notes: list[str] = field(default_factory=list)
 
 
@@ -255,6 +256,43 @@ def time_block(block, tokens: int, hidden: int, warmup: int, iters: int) -> tupl
     return statistics.median(times), spread
 
 
+def estimate_block_gib(row: Row) -> float:
+    """What ``lumos_mcore.perf.memory`` predicts ``max_memory_allocated`` of the timed stack to
+    be: bf16 weights and grads, the activations autograd keeps (one ``[s, b, h]`` input per
+    layer plus one re-run layer under full recompute), the input / output-grad tensors and one
+    layer's backward gradients. Library workspaces are not counted; the column next to the
+    measured peak is the estimate's check on a GPU."""
+    from lumos_mcore.config.model import ModelConfig
+    from lumos_mcore.config.parallel import ParallelConfig
+    from lumos_mcore.perf.memory import layer_activation_terms, param_count
+
+    _, hidden, heads = SIZES[row.size]
+    fp8 = row.variant.precision.startswith("fp8")
+    mcfg = ModelConfig(
+        name="Lumos-XL/2",
+        depth=max(row.layers_timed, 3),
+        hidden_size=hidden,
+        num_heads=heads,
+        cond_tokens=COND_TOKENS,
+        spec=row.variant.spec,
+        precision="bf16",
+        fp8=row.variant.precision.split("-", 1)[1] if fp8 else None,
+    )
+    par = ParallelConfig()
+    kernels = "triton" if row.variant.fused else "torch"
+    terms = layer_activation_terms(mcfg, par, act_bytes=2, kernels=kernels, tokens=row.tokens)
+    layer = sum(terms.values())
+    io = 2 * row.tokens * hidden * 2  # x and the output gradient, bf16
+    if row.recompute:
+        acts = row.layers_timed * row.tokens * hidden * 2 + layer
+    else:
+        acts = row.layers_timed * layer
+    weights = param_count(mcfg, par).per_layer * row.layers_timed * (2 + 2)  # bf16 + bf16 grad
+    mlp = int(hidden * mcfg.mlp_ratio)
+    backward = row.tokens * (2 * mlp + 3 * hidden) * 2
+    return (weights + acts + io + backward) / 2**30
+
+
 def run_row(row: Row, args, peaks: dict) -> Row:
     depth, hidden, heads = SIZES[row.size]
     torch.cuda.empty_cache()
@@ -279,6 +317,7 @@ def run_row(row: Row, args, peaks: dict) -> Row:
     row.ms = ms * scale
     row.ms_spread = spread * scale
     row.peak_mem_gb = torch.cuda.max_memory_allocated() / 2**30
+    row.est_mem_gb = estimate_block_gib(row)
     fwd = flops_fwd_per_layer(row.tokens, hidden, COND_TOKENS) * row.depth
     model_flops = 3 * fwd
     hw_flops = (4 if row.recompute else 3) * fwd
@@ -460,8 +499,8 @@ def report(
         "",
         "## Results",
         "",
-        "| model | tokens | spec / attention / precision | recompute | ms / step | spread ms | tokens/s | TFLOP/s | MFU % | HFU % | peak mem GB | status |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | tokens | spec / attention / precision | recompute | ms / step | spread ms | tokens/s | TFLOP/s | MFU % | HFU % | peak mem GB | est. GB | status |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         depth, hidden, heads = SIZES[r.size]
@@ -471,7 +510,8 @@ def report(
             f"| {model} | {r.tokens} | {r.variant.label} | {'full' if r.recompute else 'none'} | "
             f"{_fmt(r.ms, '.1f')} | {_fmt(r.ms_spread, '.1f')} | {_fmt(r.tokens_per_s, ',.0f')} | "
             f"{_fmt(r.tflops, '.1f')} | {_fmt(r.mfu and 100 * r.mfu, '.1f')} | "
-            f"{_fmt(r.hfu and 100 * r.hfu, '.1f')} | {_fmt(r.peak_mem_gb, '.1f')} | {status} |"
+            f"{_fmt(r.hfu and 100 * r.hfu, '.1f')} | {_fmt(r.peak_mem_gb, '.1f')} | "
+            f"{_fmt(r.est_mem_gb, '.1f')} | {status} |"
         )
     if kernel_rows:
         lines += [

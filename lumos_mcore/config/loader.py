@@ -20,6 +20,7 @@ subclasses (by name or value), ``Literal[...]``, ``Optional[X]`` / ``X | None`` 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -368,6 +369,12 @@ def load_config(cls: type[T], yaml_path: str | pathlib.Path | None, overrides: S
                 f"{yaml_path}: top level must be a mapping of sections, got {type(loaded).__name__}"
             )
         tree = dict(loaded or {})
+    return load_config_tree(cls, tree, overrides)
+
+
+def load_config_tree(cls: type[T], tree: Mapping[str, Any], overrides: Sequence[str] = ()) -> T:
+    """:func:`load_config` from an already-parsed mapping (e.g. some sections of a recipe)."""
+    tree = copy.deepcopy(dict(tree))
     for item in overrides:
         parts, value = _parse_override(item)
         _set_path(tree, parts, value)

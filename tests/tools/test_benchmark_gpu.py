@@ -99,3 +99,21 @@ def test_report_has_table_targets_and_skips(bench, tmp_path):
     )
     assert "64K tokens per sample on one GPU with recompute: **NOT met**" in text
     assert "out of memory" in text and "missing package: flash-attn" in text and "40 passed" in text
+
+
+def test_memory_estimate_column_follows_recompute_kernels_and_fp8(bench):
+    def est(tokens, recompute=False, **variant):
+        v = bench.Variant(variant.pop("spec", "local"), variant.pop("attention", "sdpa"), **variant)
+        row = bench.Row("XL", tokens, v, recompute, layers_timed=28, depth=28)
+        return bench.estimate_block_gib(row)
+
+    plain, full = est(16384), est(16384, recompute=True)
+    assert full < plain / 3  # one [s, b, h] input per layer + one re-run layer, + weights
+    assert est(16384, fused=True) < plain  # the Triton norm keeps the input only
+    assert est(16384, spec="te", attention="te", precision="fp8-tensorwise") < est(
+        16384, spec="te", attention="te"
+    )
+    assert est(65536, recompute=True) < 80  # the 64K-token target fits an 80 GB GPU
+    assert est(65536) > 80  # ... only with recompute
+    # linear in tokens (fused attention keeps no L x L scores)
+    assert est(32768) - plain == pytest.approx(2 * (plain - est(8192)), rel=0.01)
