@@ -125,7 +125,7 @@ def test_single_rank_estimate_matches_the_model(single_rank, i):
     est = estimate_memory(mcfg, pcfg, bf16=False)
     assert est.num_params == single_rank[i]["params"]  # exact
     measured = single_rank[i]["saved"]
-    assert est.activations == pytest.approx(measured, rel=0.015), (est.layer_terms, measured)
+    assert est.activations == pytest.approx(measured, rel=0.01), (est.layer_terms, measured)
 
 
 @pytest.mark.parametrize("i", range(len(LAYOUTS)), ids=[str(job) for job in LAYOUTS])
@@ -135,7 +135,7 @@ def test_two_rank_layouts_match_the_model_on_every_rank(two_ranks, i):
     est = estimate_memory(mcfg, pcfg, bf16=False)
     for rank_results in two_ranks:
         assert est.num_params == rank_results[i]["params"]
-        assert est.activations == pytest.approx(rank_results[i]["saved"], rel=0.03)
+        assert est.activations == pytest.approx(rank_results[i]["saved"], rel=0.01)
 
 
 def test_parallelism_divides_the_per_rank_activations():
