@@ -426,6 +426,7 @@ def estimate_job_memory(
         tokens=pack_capacity,
     )
 
+
 def _in_flight(parallel: ParallelConfig, num_microbatches: int) -> int:
     """Micro-batch chunks whose activations the first stage holds at the 1F1B peak."""
     pp, vpp = parallel.pp, parallel.vpp or 1
