@@ -53,15 +53,13 @@ class JobConfig:
             )
 
         v = self.validation
-        if (v.interval or v.holdout) and v.path is None and self.media is not None:
-            flag = (
-                f"validation.holdout={v.holdout}"
-                if v.holdout
-                else f"validation.interval={v.interval}"
-            )
+        if v.interval and v.path is None and not v.holdout and self.media is not None:
+            # Validating on training media would need it encoded twice for a number that is
+            # not held out; ask for a held-out set instead.
             raise ValueError(
-                f"{flag}: a raw-media job needs validation.path (held-out "
-                "feature shards, e.g. from tools/encode_features.py)"
+                f"validation.interval={v.interval}: a raw-media job needs a held-out set: "
+                "validation.holdout=H (the last H samples of media.path, never trained on) or "
+                "validation.path (held-out feature shards, e.g. from tools/encode_features.py)"
             )
         flow_sampler = v.grid_sampler == "euler"
         if v.grid_sampler is not None and flow_sampler != (self.diffusion.objective == "flow"):

@@ -123,19 +123,20 @@ class ValidationConfig:
 
     The held-out set is ``validation.path`` (precomputed feature shards with an ``index.json``,
     e.g. held-out media encoded by ``tools/encode_features.py``), or, with ``holdout=H > 0``,
-    the last ``H`` samples of ``data.path``'s index: training never reads them (its epochs are
-    ``N - H`` samples long) and validation uses the first ``num_samples`` of them
-    (``num_samples`` and ``grid_samples`` must be <= ``H``). The split depends only on ``H``
-    (not on ``interval``), so keep it fixed across the resumes of a run: changing it changes
-    the training order. With neither, the first ``num_samples`` samples of ``data.path`` in
-    index order are used, which are *not* held out (a warning says so); raw-media jobs need
-    ``validation.path``.
+    the last ``H`` samples of ``data.path``'s index (raw-media jobs: the last ``H`` usable
+    samples of ``media.path``, decoded and encoded online like training): training never reads
+    them (its epochs are ``N - H`` samples long) and validation uses the first ``num_samples``
+    of them (``num_samples`` and ``grid_samples`` must be <= ``H``). The split depends only on
+    ``H`` (not on ``interval``), so keep it fixed across the resumes of a run: changing it
+    changes the training order. With neither, the first ``num_samples`` samples of
+    ``data.path`` in index order are used, which are *not* held out (a warning says so);
+    raw-media jobs need ``holdout`` or ``path``.
     """
 
     interval: int = 0  # steps between validations; 0 = off
     path: str | None = None  # held-out feature shards (index.json); None = training subset
     num_samples: int = 32  # held-out samples per validation (all DP ranks together)
-    holdout: int = 0  # without path: reserve the last N samples of data.path for validation
+    holdout: int = 0  # without path: reserve the last N samples of data.path / media.path
     seed: int = 0  # seeds the fixed noise / timesteps of every held-out sample
     ema: bool = True  # with EMA weights: also log val/loss_ema and sample with the EMA weights
     grid_samples: int = 4  # images (videos: frame strips) in val/samples; 0 = no grid

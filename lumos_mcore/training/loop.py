@@ -35,7 +35,7 @@ from lumos_mcore.training.setup import (
     use_bf16,
 )
 from lumos_mcore.training.step import DiffusionForwardStep, with_positions
-from lumos_mcore.training.validation import Validator, holdout_split
+from lumos_mcore.training.validation import Validator, holdout_size, holdout_split
 
 log = logging.getLogger("lumos_mcore.train")
 
@@ -159,7 +159,8 @@ class Trainer:
     def _build_validator(self) -> Validator | None:
         if not self.job.validation.interval:
             return None
-        encoders = getattr(self.data, "encoders", None)  # raw-media jobs: decode the grid
+        # Raw-media jobs: the training stream's encoders (loaded once) decode the grid and, with
+        # validation.holdout, encode the held-out samples over the same replica group.
         return Validator(
             self.job,
             dp_rank=self.info.dp_rank,
@@ -168,7 +169,8 @@ class Trainer:
             is_last_stage=self.info.is_last_stage,
             train_dataset=self.dataset,
             device=_device(),
-            vae=getattr(encoders, "vae", None),
+            encoders=self.encoders,
+            encode_group=self.encode_group,
         )
 
     def _init_throughput(self) -> None:
@@ -263,14 +265,16 @@ class Trainer:
         """Resumable DP-sliced micro-batches; raw media pass through the frozen encoders."""
         job = self.job
         self._packed = None  # the packed iterator, for the step's tokens and FLOPs
+        self.encoders = self.encode_group = None  # raw media: FrozenEncoders, replica group
         if job.media is not None:
             from lumos_mcore.data.media.dataset import MediaDataset
             from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
 
-            self.dataset = MediaDataset(job.media)
+            # validation.holdout leaves the media layout before bucketing (MediaDataset).
+            self.dataset = MediaDataset(job.media, holdout=holdout_size(job))
             self.dataset.check_micro_batch_size(job.train.micro_batch_size)
-            encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
-            _check_encoders_fit_model(encoders, job)
+            self.encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
+            _check_encoders_fit_model(self.encoders, job)
         else:
             self.dataset = FeatureDataset(job.data)
         # validation.holdout: training never sees the held-out tail (the validator reads it).
@@ -313,7 +317,8 @@ class Trainer:
         )
         if job.media is not None:
             # One rank of each model replica encodes; the others receive its tensors.
-            data = OnlineEncodingIterator(data, encoders, group=_replica_group(self.info.dp_rank))
+            self.encode_group = _replica_group(self.info.dp_rank)
+            data = OnlineEncodingIterator(data, self.encoders, group=self.encode_group)
         return StallTimer(data)
 
     # -- checkpoints -----------------------------------------------------------------------

@@ -21,6 +21,13 @@ so PP > 1 logs a one-time warning and skips the grid (the held-out loss still ru
 samples of ``data.path`` (:func:`holdout_split`: the trainer iterates only the first ``N - H``,
 the validator reads the tail); else the first training samples (not held out, one warning).
 
+**Raw media** (``media.path``): ``validation.path`` (feature shards) as above, or
+``validation.holdout=H``: the last ``H`` usable media samples in index order, taken out of the
+media layout before bucketing (:class:`~lumos_mcore.data.media.dataset.MediaHoldout`). They are
+decoded by the job's media pipeline and encoded by the trainer's own ``FrozenEncoders`` (one rank
+per model replica encodes and broadcasts, as in training), one sample per micro-batch (see
+:class:`Validator`). Without either, raw-media validation is refused when the job is loaded.
+
 Training is not disturbed: the global / megatron RNG states are saved and restored around
 validation, and the held-out set is read outside the training data stream.
 """
@@ -30,7 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,27 +55,43 @@ from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.setup import unwrap
 from lumos_mcore.training.step import DiffusionForwardStep
 
+if TYPE_CHECKING:
+    from lumos_mcore.data.media.dataset import MediaHoldout
+
 log = logging.getLogger("lumos_mcore.train")
 
-__all__ = ["Validator", "holdout_split", "latent_panels", "tile_rows"]
+__all__ = ["Validator", "holdout_size", "holdout_split", "latent_panels", "tile_rows"]
 
 
-def holdout_split(dataset: Any, job: JobConfig) -> tuple[Any, SampleRange | None]:
-    """``(training samples, held-out samples)`` of the training ``dataset`` (``data.path``).
+def holdout_size(job: JobConfig) -> int:
+    """Samples ``validation.holdout`` takes out of the training data (0 with a
+    ``validation.path``). A raw-media job opens its ``MediaDataset`` with it."""
+    v = job.validation
+    return v.holdout if v.path is None else 0
 
-    With ``validation.holdout=H > 0`` and no ``validation.path``: the first ``N - H`` samples
-    and the last ``H`` (:class:`~lumos_mcore.data.sampler.SampleRange` views); otherwise
-    ``(dataset, None)``. Raises, naming the flags, when ``H >= N`` or the job reads raw media.
+
+def holdout_split(dataset: Any, job: JobConfig) -> tuple[Any, SampleRange | MediaHoldout | None]:
+    """``(training samples, held-out samples)`` of the training ``dataset``.
+
+    With ``validation.holdout=H > 0`` and no ``validation.path``: for ``data.path`` the first
+    ``N - H`` samples and the last ``H`` (:class:`~lumos_mcore.data.sampler.SampleRange` views);
+    for ``media.path`` the dataset itself (opened with ``holdout=H``: the tail must leave the
+    media layout before its buckets are chunked and padded, which a view after the fact cannot
+    undo) and its :class:`~lumos_mcore.data.media.dataset.MediaHoldout`. Otherwise
+    ``(dataset, None)``. Raises, naming the flags, when ``H >= N``.
     """
     v = job.validation
-    if not v.holdout or v.path is not None:
+    if not holdout_size(job):
         return dataset, None
     if job.media is not None:
-        raise ValueError(
-            f"validation.holdout={v.holdout}: raw-media jobs (media.path={job.media.path}) "
-            "cannot hold out a tail of their media; set validation.path to held-out feature "
-            "shards (tools/encode_features.py) and validation.holdout=0"
-        )
+        opened = getattr(dataset, "holdout", None)
+        if opened != v.holdout:
+            raise ValueError(
+                f"validation.holdout={v.holdout}: the media dataset of media.path="
+                f"{job.media.path} was opened with holdout={opened}; open it as "
+                f"MediaDataset(job.media, holdout={v.holdout})"
+            )
+        return dataset, dataset.holdout_view()
     n = len(dataset)
     if v.holdout >= n:
         raise ValueError(
@@ -100,7 +123,19 @@ class Validator:
     """Held-out loss and sample grid of one training run (see the module docstring).
 
     ``train_dataset``: the whole ``data.path`` dataset (not the training view of
-    :func:`holdout_split`); with ``validation.holdout`` the validator reads its tail.
+    :func:`holdout_split`), or the job's ``MediaDataset``; with ``validation.holdout`` the
+    validator reads its tail. ``encoders`` / ``encode_group``: the trainer's ``FrozenEncoders``
+    and the ranks of one model replica (raw-media holdout: the held-out pixels go through them).
+
+    Raw-media holdout validates **one sample per micro-batch**. The held-out samples keep the
+    buckets (aspect ratio / duration) they fall in, so their shapes differ, and a micro-batch
+    must be one shape. Grouping them per bucket would need padding (samples counted twice) or
+    short remainders (megatron's schedule runs one micro-batch size; unequal micro-batches would
+    weight the per-micro-batch mean unevenly), and a bad sample could only be replaced from its
+    own bucket. With micro-batches of one every held-out sample weighs the same, appears once, in
+    index order, any bad one is replaced by the next good held-out sample, and ``val/loss`` is
+    the exact per-sample mean; the cost is a few more forward calls on a small set.
+    ``validation.num_samples`` then needs to be a multiple of the data-parallel size only.
     """
 
     def __init__(
@@ -114,13 +149,26 @@ class Validator:
         train_dataset: Any,
         device: torch.device,
         vae: Any = None,
+        encoders: Any = None,
+        encode_group: Any = None,
     ) -> None:
         v = job.validation
         self.job, self.cfg = job, v
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.pp_size, self.is_last_stage = pp_size, is_last_stage
         self.device = device
+        if vae is None and encoders is not None:
+            vae = encoders.vae
         self.vae = vae  # FrozenVAE of a raw-media job (decodes the grid), else None
+        self.encoders, self.encode_group = encoders, encode_group
+        self._encoded: dict[int, dict[str, Any]] = {}  # raw-media holdout: index -> batch of 1
+        # Raw-media holdout: held-out pixels, encoded here (validation.path holds features).
+        self.raw_media = job.media is not None and holdout_size(job) > 0
+        if self.raw_media and encoders is None:
+            raise ValueError(
+                f"validation.holdout={v.holdout}: raw-media validation encodes the held-out "
+                "samples with the job's frozen encoders; pass Validator(encoders=...)"
+            )
         if v.path is not None:
             pad = job.data.cond_pad_to if job.data is not None else None
             self.dataset = FeatureDataset(
@@ -140,10 +188,14 @@ class Validator:
                     "validation.holdout=N to reserve the last N samples for validation",
                     v.num_samples,
                 )
-        mbs = job.train.micro_batch_size
+        mbs = 1 if self.raw_media else job.train.micro_batch_size
+        self.micro_batch_size = mbs
         if v.num_samples % (mbs * dp_size):
             raise ValueError(
-                f"validation.num_samples={v.num_samples}: must be a multiple of "
+                f"validation.num_samples={v.num_samples}: must be a multiple of the "
+                f"data-parallel size {dp_size} (raw-media holdout: one sample per micro-batch)"
+                if self.raw_media
+                else f"validation.num_samples={v.num_samples}: must be a multiple of "
                 f"train.micro_batch_size x data-parallel size = {mbs} x {dp_size}"
             )
         need = max(v.num_samples, v.grid_samples)
@@ -165,25 +217,56 @@ class Validator:
             s = self.dataset.get_or_none((index + k) % len(self.dataset))
             if s is not None:
                 return s
-        raise RuntimeError("validation: no readable sample in the validation set")
+        raise RuntimeError(
+            f"validation: none of the {len(self.dataset)} samples of the validation set is "
+            "readable (see the data/bad/* counts)"
+        )
+
+    def _encode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """A decoded raw-media batch -> model inputs, exactly as the training stream does it
+        (the replica's first rank encodes and broadcasts)."""
+        from lumos_mcore.encoders.frozen import OnlineEncodingIterator
+
+        return next(OnlineEncodingIterator(iter([raw]), self.encoders, group=self.encode_group))
+
+    def _held_out_batch(self, index: int) -> dict[str, Any]:
+        """Raw-media held-out sample ``index`` (a bad one replaced), encoded, as a batch of one
+        on the CPU (``key`` kept). Decoded and encoded once per run: the encoders are frozen and
+        the samples fixed, so every validation would compute the same tensors again."""
+        hit = self._encoded.get(index)
+        if hit is None:
+            raw = self.dataset.collate([self._sample(index)])
+            enc = self._encode(raw)
+            hit = {k: v.cpu() if isinstance(v, Tensor) else v for k, v in enc.items()}
+            hit["key"] = raw["key"]
+            self._encoded[index] = hit
+        return dict(hit)  # a fresh dict: the caller adds "position"
+
+    def _batch(self, idx: list[int]) -> dict[str, Any]:
+        """Held-out samples ``idx`` as one batch (feature samples, or encoded raw media)."""
+        if self.raw_media:
+            return _join([self._held_out_batch(i) for i in idx])
+        return self.dataset.collate([self._sample(i) for i in idx])
 
     def micro_batches(self) -> list[dict[str, Any]]:
         """This DP rank's held-out micro-batches; ``position`` = held-out sample index."""
-        mbs = self.job.train.micro_batch_size
+        mbs = self.micro_batch_size
         start = self.dp_rank * self.num_microbatches * mbs
         out = []
         for m in range(self.num_microbatches):
             idx = list(range(start + m * mbs, start + (m + 1) * mbs))
-            batch = self.dataset.collate([self._sample(i) for i in idx])
+            batch = self._batch(idx)
             batch["position"] = torch.tensor(idx, dtype=torch.long)  # [mbs]
             out.append(batch)
         return out
 
     # -- held-out loss ---------------------------------------------------------------------
     @torch.no_grad()
-    def loss(self, chunks: list[nn.Module]) -> float:
-        """Mean held-out loss over all DP ranks (NaN on non-last pipeline stages)."""
-        batches = self.micro_batches()
+    def loss(self, chunks: list[nn.Module], batches: list[dict[str, Any]] | None = None) -> float:
+        """Mean held-out loss over all DP ranks (NaN on non-last pipeline stages);
+        ``batches``: this rank's :meth:`micro_batches`, read here when not given."""
+        if batches is None:
+            batches = self.micro_batches()
         it = iter(batches)
         data: Any = it if len(chunks) == 1 else list(itertools.tee(it, len(chunks)))
         losses = get_forward_backward_func()(
@@ -192,7 +275,7 @@ class Validator:
             model=chunks,
             num_microbatches=self.num_microbatches,
             seq_length=self.job.model.num_tokens,
-            micro_batch_size=self.job.train.micro_batch_size,
+            micro_batch_size=self.micro_batch_size,
             forward_only=True,
         )
         if not self.is_last_stage:
@@ -214,10 +297,11 @@ class Validator:
             c.eval()
         try:
             with _RNGGuard():
-                out = {"val/loss": self.loss(chunks)}
+                batches = self.micro_batches()  # read (and encode) once for both losses
+                out = {"val/loss": self.loss(chunks, batches)}
                 if use_ema:
                     with ema.swapped_in(chunks):
-                        out["val/loss_ema"] = self.loss(chunks)
+                        out["val/loss_ema"] = self.loss(chunks, batches)
                 grid = None
                 if self.cfg.grid_samples:
                     if use_ema:
@@ -250,15 +334,31 @@ class Validator:
 
         core = unwrap(chunks[0])
         info = describe_model(core)
-        samples = [self._sample(i) for i in range(self.cfg.grid_samples)]
-        batch = self.dataset.collate(samples)
+        first = list(range(self.cfg.grid_samples))
+        if self.raw_media:  # encoded one by one (buckets differ); the conditions joined
+            batch = _join([self._held_out_batch(i) for i in first])
+            labels = [str(k) for k in batch["key"]]
+        else:
+            samples = [self._sample(i) for i in first]
+            batch = self.dataset.collate(samples)
+            labels = [str(s.get("key", i)) for i, s in enumerate(samples)]
         conds = Conditions(
             cond=batch["cond"].float(),  # [N, Lc, Cc]
             mask=batch.get("cond_mask"),  # [N, Lc]
-            labels=[str(s.get("key", i)) for i, s in enumerate(samples)],
+            labels=labels,
         )
-        latent = batch["latent"].float()  # [N, C, (T,) H, W]
         if info.variant == "i2v":
+            if "latent" not in batch:  # raw-media holdout: clips of different buckets
+                if not self._warned_grid:
+                    log.warning(
+                        "validation.grid_samples=%d: the first held-out clips fall in different "
+                        "buckets, so their first frames cannot condition one grid batch; only "
+                        "val/loss is logged (lower validation.grid_samples)",
+                        self.cfg.grid_samples,
+                    )
+                self._warned_grid = True
+                return None
+            latent = batch["latent"].float()  # [N, C, T, H, W]
             conds.input_latent = latent[:, :, 0]  # [N, C, H, W]: the first frame
         elif info.variant == "nvs":
             conds.input_latent = batch["input_latent"].float()
@@ -308,6 +408,20 @@ class Validator:
             pixels = vae.vae.decode(z).sample.float().cpu()  # [T, 3, H, W] in [-1, 1]
         px = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return list(px.permute(0, 2, 3, 1).numpy())
+
+
+def _join(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate encoded batches along the batch axis; a tensor whose per-sample shape
+    differs between them (latents of different buckets) is left out, lists are chained."""
+    out: dict[str, Any] = {}
+    for k, first in batches[0].items():
+        vals = [b[k] for b in batches]
+        if isinstance(first, Tensor):
+            if len({tuple(v.shape[1:]) for v in vals}) == 1:
+                out[k] = torch.cat(vals)  # [N, ...]
+        elif isinstance(first, list):
+            out[k] = [x for v in vals for x in v]
+    return out
 
 
 def latent_panels(latent: Tensor) -> list[np.ndarray]:

@@ -20,6 +20,12 @@ the next good sample of its chunk, so replacements keep the micro-batch's shape 
 on the data. Every bad sample is counted once per reason in ``bad_counts`` and the first of each
 reason is logged; a shard whose bad samples exceed ``media.max_bad_fraction`` raises
 ``BadDataError``.
+
+Held-out tail (``validation.holdout=H``): the last ``H`` *usable* samples in index order (of
+``media.modality``, not ruled out by the index facts) are taken out before the virtual layout is
+built, so no chunk, bucket padding or bad-sample replacement of training can reach them,
+whatever bucket they fall in. ``holdout_view()`` gives them to the validator
+(:class:`MediaHoldout`).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from lumos_mcore.data.shard_files import ShardFiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MEDIA_BAD_REASONS", "BadDataError", "BadSampleError", "MediaDataset"]
+__all__ = ["MEDIA_BAD_REASONS", "BadDataError", "BadSampleError", "MediaDataset", "MediaHoldout"]
 
 # Why a media sample can be unusable; the keys of MediaDataset.bad_counts.
 MEDIA_BAD_REASONS = (
@@ -64,10 +70,19 @@ class MediaDataset(ShardFiles):
     Attributes the trainer uses: ``shard_sizes`` (the sampler's units), ``bad_counts`` /
     ``num_bad`` (per rank, for logging), ``decoder.routes`` (samples per kind/codec/decoder).
     Shard files are cached per thread by ``ShardFiles`` (shared with ``FeatureDataset``).
+
+    ``holdout`` (``validation.holdout``): leave the last ``holdout`` usable samples (index order)
+    out of the virtual layout; ``len`` and ``shard_sizes`` then cover the training samples only
+    (one bucket: the epoch is exactly ``holdout`` shorter; several: each bucket's last chunk is
+    padded from its own training samples) and ``holdout_view()`` reads the held-out ones.
+    Raises ``ValueError`` naming the flag when nothing would be left to train on.
     """
 
-    def __init__(self, cfg: MediaDataConfig, *, decoder: MediaDecoder | None = None) -> None:
+    def __init__(
+        self, cfg: MediaDataConfig, *, decoder: MediaDecoder | None = None, holdout: int = 0
+    ) -> None:
         self.cfg = cfg
+        self.holdout = int(holdout)
         self.root = os.path.abspath(cfg.path)
         index = MediaIndex.load(self.root)
         shards = index.shards
@@ -157,6 +172,21 @@ class MediaDataset(ShardFiles):
                 f"{ {k: v for k, v in self.bad_counts.items() if v} })"
             )
 
+        # ---- held-out tail: out of the layout before any chunk or padding is built ----
+        if self.holdout < 0:
+            raise ValueError(f"validation.holdout={self.holdout}: must be >= 0 (0 = none)")
+        usable_ids = np.flatnonzero(usable)
+        if self.holdout >= len(usable_ids):
+            raise ValueError(
+                f"validation.holdout={self.holdout}: media.path={cfg.path} has only "
+                f"{len(usable_ids)} usable {cfg.modality} samples; the holdout must leave at "
+                "least one for training (lower validation.holdout or give a separate "
+                "validation.path)"
+            )
+        self._held_out = usable_ids[len(usable_ids) - self.holdout :].astype(np.int64)
+        usable = usable.copy()
+        usable[self._held_out] = False
+
         # ---- virtual layout: the sampler's units ----
         if len(self.buckets) == 1:
             ids = np.flatnonzero(usable)
@@ -216,6 +246,17 @@ class MediaDataset(ShardFiles):
     def key(self, index: int) -> str:
         return self._keys[self._virt[index]].decode()
 
+    def physical_index(self, index: int) -> int:
+        """Position in ``media.path``'s index of (virtual) sample ``index``."""
+        return int(self._virt[index])
+
+    def holdout_view(self) -> MediaHoldout:
+        """The held-out samples (``holdout`` > 0), read through this dataset's decoder and bad
+        bookkeeping."""
+        if not self.holdout:
+            raise ValueError("holdout_view: the dataset was opened without a holdout")
+        return MediaHoldout(self, self._held_out)
+
     def bucket_of(self, index: int) -> Bucket:
         return self.buckets[int(self._bucket[self._virt[index]])]
 
@@ -268,7 +309,11 @@ class MediaDataset(ShardFiles):
 
     def plan(self, index: int, bucket: Bucket | None = None) -> dict[str, Any]:
         """Read sample ``index`` and fix its geometry; raises ``BadSampleError`` (not counted)."""
-        phys = int(self._virt[index])
+        return self._plan_physical(int(self._virt[index]), index, bucket)
+
+    def _plan_physical(self, phys: int, index: int, bucket: Bucket | None) -> dict[str, Any]:
+        """Plan of physical sample ``phys``; ``index`` is what the batch reports (and seeds
+        the clip start)."""
         key = self._keys[phys].decode()
         shard_path = self.shard_paths[int(self._phys_shard[phys])]
         known = self._bad.get(phys)
@@ -392,21 +437,7 @@ class MediaDataset(ShardFiles):
                 plan, out = nxt, self._decode_one(nxt)
             pixels.append(out)
             final.append(plan)
-        batch: dict[str, Any] = {
-            "pixels": torch.stack(pixels),  # [B, 3, (T,) H, W]
-            "caption": [p["caption"] for p in final],
-            "resolution": torch.tensor([p["resolution"] for p in final], dtype=torch.float32),
-            "aspect_ratio": torch.full(
-                (len(final), 1), target.height / target.width, dtype=torch.float32
-            ),
-            "index": torch.tensor([p["index"] for p in final], dtype=torch.long),  # [B]
-            "key": [p["key"] for p in final],
-        }
-        cams = [p["camera"] for p in final]
-        if all(c is not None for c in cams) and len({c.shape for c in cams}) == 1:
-            # The stored (absolute) pose; NVS pairs views and derives the relative camera.
-            batch["camera_pose"] = torch.from_numpy(np.stack(cams))  # [B, K]
-        return batch
+        return _stack(final, pixels, target)
 
     def _refit(self, plan: dict[str, Any], bucket: Bucket) -> dict[str, Any]:
         """Re-plan a sample for another bucket (only when a micro-batch had to leave its chunk)."""
@@ -431,3 +462,99 @@ class MediaDataset(ShardFiles):
                 f"train.micro_batch_size={micro_batch_size} with {len(self.buckets)} buckets "
                 "(each micro-batch must come from one same-bucket chunk)"
             )
+
+
+def _stack(
+    final: list[dict[str, Any]], pixels: list[torch.Tensor], target: Bucket
+) -> dict[str, Any]:
+    """Decoded samples of one bucket -> a micro-batch (keys: see ``MediaDataset.collate``)."""
+    batch: dict[str, Any] = {
+        "pixels": torch.stack(pixels),  # [B, 3, (T,) H, W]
+        "caption": [p["caption"] for p in final],
+        "resolution": torch.tensor([p["resolution"] for p in final], dtype=torch.float32),
+        "aspect_ratio": torch.full(
+            (len(final), 1), target.height / target.width, dtype=torch.float32
+        ),
+        "index": torch.tensor([p["index"] for p in final], dtype=torch.long),  # [B]
+        "key": [p["key"] for p in final],
+    }
+    cams = [p["camera"] for p in final]
+    if all(c is not None for c in cams) and len({c.shape for c in cams}) == 1:
+        # The stored (absolute) pose; NVS pairs views and derives the relative camera.
+        batch["camera_pose"] = torch.from_numpy(np.stack(cams))  # [B, K]
+    return batch
+
+
+class MediaHoldout:
+    """The held-out tail of a :class:`MediaDataset` (``validation.holdout``), for the validator.
+
+    Sample ``j`` is the ``j``-th of the last ``H`` usable samples of ``media.path`` in index order,
+    planned for its *own* bucket (held-out samples of different buckets have different shapes).
+    ``get_or_none`` reads and decodes one sample at once, so a bad one (unreadable metadata,
+    truncated or corrupt stream) shows up there: it is counted in the base dataset's
+    ``bad_counts`` (the trainer's ``data/bad/*``, bounded by ``media.max_bad_fraction`` like
+    training) and ``None`` is returned, so the caller can skip to the next held-out sample. The
+    reported ``index`` is the sample's position in ``media.path``'s index.
+    """
+
+    def __init__(self, base: MediaDataset, physical: np.ndarray) -> None:
+        self.base = base
+        self._phys = np.asarray(physical, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._phys)
+
+    @property
+    def cfg(self) -> MediaDataConfig:
+        return self.base.cfg
+
+    @property
+    def num_bad(self) -> int:
+        """Held-out samples known to be bad so far."""
+        bad = self.base._bad
+        return sum(int(p) in bad for p in self._phys)
+
+    def _physical(self, index: int) -> int:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"held-out sample {index} out of range [0, {len(self)})")
+        return int(self._phys[index])
+
+    def physical_index(self, index: int) -> int:
+        """Position in ``media.path``'s index of held-out sample ``index``."""
+        return self._physical(index)
+
+    def key(self, index: int) -> str:
+        return self.base._keys[self._physical(index)].decode()
+
+    def bucket_of(self, index: int) -> Bucket:
+        return self.base.buckets[int(self.base._bucket[self._physical(index)])]
+
+    def get_or_none(self, index: int) -> dict[str, Any] | None:
+        """Plan of held-out sample ``index`` with its decoded ``pixels`` [3, (T,) H, W], or
+        ``None`` when it is bad (counted; raises ``BadDataError`` past the threshold)."""
+        phys = self._physical(index)
+        base = self.base
+        try:
+            plan = base._plan_physical(phys, phys, None)
+        except BadSampleError as err:
+            base._mark_bad(phys, err.reason, err.detail)
+            return None
+        out = base._decode_one(plan)
+        if isinstance(out, DecodeError):
+            base._mark_bad(phys, out.reason, out.detail)
+            return None
+        return {**plan, "pixels": out}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Decoded held-out samples of one bucket -> a batch with ``MediaDataset.collate``'s
+        keys (the validator batches one sample at a time, see ``Validator``)."""
+        if not samples:
+            raise ValueError("MediaHoldout.collate: empty micro-batch")
+        buckets = {s["bucket"] for s in samples}
+        if len(buckets) > 1:
+            raise ValueError(
+                f"MediaHoldout.collate: held-out samples of buckets {sorted(map(str, buckets))} "
+                "cannot share a batch (one bucket per batch)"
+            )
+        return _stack(samples, [s["pixels"] for s in samples], samples[0]["bucket"])
