@@ -22,9 +22,11 @@ from lumos_mcore.data.features import FeatureDataset
 from lumos_mcore.data.media.stall import StallTimer
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
+from lumos_mcore.ops import kernel_choices
 from lumos_mcore.parallel.state import init_distributed, initialize_parallel
 from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops
 from lumos_mcore.perf.hardware import rank_peak
+from lumos_mcore.perf.memory import MemoryEstimate, estimate_job_memory
 from lumos_mcore.training.checkpoint import Checkpointer, WeightsReport
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.metrics import MetricsWriter, peak_memory_gib
@@ -154,6 +156,7 @@ class Trainer:
         self.stop = _StopFlag()
         self.validator = self._build_validator()
         self._init_throughput()
+        self.memory_estimate = self._estimate_memory()
 
     # -- validation and throughput ---------------------------------------------------------
     def _build_validator(self) -> Validator | None:
@@ -172,6 +175,39 @@ class Trainer:
             encoders=self.encoders,
             encode_group=self.encode_group,
         )
+
+    def _estimate_memory(self) -> MemoryEstimate:
+        """The per-rank memory the config implies (perf/memory.py), logged once next to what
+        the device has; ``memory/estimate_gib`` then sits beside the measured peak."""
+        job = self.job
+        choice = kernel_choices().get("norm_modulate")  # set by select_kernels on CUDA
+        kernels = choice.backend if choice is not None else "torch"
+        pack = job.data.pack_capacity if job.data is not None and job.data.pack else None
+        est = estimate_job_memory(
+            job.model,
+            job.parallel,
+            job.train,
+            self.info.world_size,
+            pack_capacity=pack,
+            bf16=use_bf16(job.model),
+            kernels=kernels,
+        )
+        if dist.get_rank() != 0:  # the first pipeline stage holds the most
+            return est
+        extra = " (frozen encoders not included)" if job.media is not None else ""
+        log.info("memory estimate per rank: %s%s", est.summary(), extra)
+        if torch.cuda.is_available():
+            capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+            if not est.fits(capacity):
+                log.warning(
+                    "the estimate (%.1f GiB per rank) exceeds 90%% of this GPU's %.1f GiB; "
+                    "consider model.recompute=full, parallel.cp / parallel.tp with "
+                    "parallel.sequence_parallel=true, parallel.use_distributed_optimizer=true "
+                    "or a smaller train.micro_batch_size (python tools/plan_memory.py compares)",
+                    est.total / 2**30,
+                    capacity / 2**30,
+                )
+        return est
 
     def _init_throughput(self) -> None:
         """FLOPs of a step (analytic, perf/flops.py) and the per-rank peak for MFU.
@@ -452,6 +488,7 @@ class Trainer:
                     "throughput/samples_per_s": job.train.global_batch_size / dt,
                     **self.throughput(dt, self.step - 1),
                     "memory/peak_gib": peak_memory_gib(),
+                    "memory/estimate_gib": self.memory_estimate.total / 2**30,
                     "data/bad_samples": float(self.dataset.num_bad),
                     **{f"data/bad/{k}": float(v) for k, v in self.dataset.bad_counts.items()},
                     **self.data.window(),

@@ -8,6 +8,7 @@ checkpoint written at TP=2 continues at PP=2.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -136,6 +137,16 @@ def test_distributed_optimizer_dp2_follows_dp1_and_resumes(tmp_path):
     assert len(got) == 6
     for a, b in zip(got, ref["losses"]):
         assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (got, ref["losses"])
+
+    # The trainer logs the config's per-rank memory estimate next to the measured peak; with
+    # the distributed optimizer the Adam state is split over the 2 data-parallel ranks.
+    from lumos_mcore.perf.memory import estimate_job_memory
+
+    job = dist_opt(6)
+    est = estimate_job_memory(job.model, job.parallel, job.train, 2, bf16=False)
+    assert est.optimizer == est.num_params * 8 // 2
+    logged = [json.loads(line) for line in (tmp_path / "dp2" / "metrics.jsonl").open()]
+    assert all(r["memory/estimate_gib"] == pytest.approx(est.total / 2**30) for r in logged)
 
 
 def test_checkpoint_from_tp2_continues_at_pp2(setup, tmp_path):
