@@ -10,7 +10,7 @@ backward term by term, and the same job under each recompute mode (and, with
 ``--sweep-frames``, at other clip lengths) with a fits / does-not-fit verdict against the GPU's
 memory. Nothing is built or allocated, so it runs anywhere in a second. ``key=value``
 arguments override the ``model.`` / ``parallel.`` / ``train.`` sections as for
-``lumos_mcore.train``; of the data section only ``data.pack`` / ``data.pack_capacity`` enter the
+``lumos_mcore.train``; of the data / media sections only ``pack`` / ``pack_capacity`` enter the
 count (the data itself need not exist here).
 """
 
@@ -65,23 +65,25 @@ def load_job(config: str | None, overrides: list[str]) -> PlannedJob:
     if config is not None:
         with open(config, encoding="utf-8") as fh:
             tree = yaml.safe_load(fh) or {}
-    data = dict(tree.get("data") or {})
+    # packing: data.pack (feature shards) or media.pack (raw media), same two keys
+    data = {**(tree.get("data") or {}), **(tree.get("media") or {})}
     kept, rest = [], []
     for item in overrides:
         (kept if item.split(".", 1)[0] in SECTIONS else rest).append(item)
     for item in rest:
         key, _, value = item.partition("=")
-        if key not in ("data.pack", "data.pack_capacity"):
+        section, _, name = key.partition(".")
+        if section not in ("data", "media") or name not in ("pack", "pack_capacity"):
             raise ConfigError(
-                f"{item}: only model.*, parallel.*, train.*, data.pack and data.pack_capacity "
-                "change the memory plan"
+                f"{item}: only model.*, parallel.*, train.* and data. / media.pack, "
+                "pack_capacity change the memory plan"
             )
-        data[key.split(".", 1)[1]] = yaml.safe_load(value)
+        data[name] = yaml.safe_load(value)
     sections = {k: v for k, v in tree.items() if k in SECTIONS}
     job = load_config_tree(PlannedJob, sections, kept)
     if data.get("pack"):
         if not data.get("pack_capacity"):
-            raise ConfigError("data.pack=true: set data.pack_capacity (tokens per pack)")
+            raise ConfigError("pack=true: set data. / media.pack_capacity (tokens per pack)")
         job.pack_capacity = int(data["pack_capacity"])
     return job
 

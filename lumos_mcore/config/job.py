@@ -40,11 +40,13 @@ class JobConfig:
             )
         if self.media is not None:
             self.media.encoders.check_complete()
-        if self.data is not None and self.data.pack and self.train.micro_batch_size != 1:
-            raise ValueError(
-                f"train.micro_batch_size={self.train.micro_batch_size}: must be 1 with "
-                "data.pack=true (one pack per micro-batch; train.global_batch_size counts samples)"
-            )
+        for section, packed in (("data", self.data), ("media", self.media)):
+            if packed is not None and packed.pack and self.train.micro_batch_size != 1:
+                raise ValueError(
+                    f"train.micro_batch_size={self.train.micro_batch_size}: must be 1 with "
+                    f"{section}.pack=true (one pack per micro-batch; train.global_batch_size "
+                    "counts samples)"
+                )
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but "

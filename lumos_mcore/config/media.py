@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lumos_mcore.config.data import PACK_COSTS  # media.pack_cost: the data.pack_cost choices
+
 MODALITIES = ("image", "video")
 DECODERS = ("auto", "dali", "pyav")
 DALI_DEVICES = ("auto", "cpu", "gpu")
@@ -116,6 +118,13 @@ class MediaDataConfig:
     ``num_frames`` values are duration buckets (a clip goes to the longest that fits). With more
     than one bucket the sample order is built from same-bucket chunks of ``bucket_chunk``
     samples, so every micro-batch has one shape (the micro-batch size must divide it).
+
+    ``pack=true`` (docs/video.md, *Packed training from the loader*): each step's
+    ``train.global_batch_size`` samples are packed into sequences of at most ``pack_capacity``
+    model tokens (``frames * (H/d/p) * (W/d/p)`` of each sample's bucket, ``d`` the VAE
+    downsampling), one pack per micro-batch (``train.micro_batch_size`` must be 1). Packs mix
+    buckets, so ``shuffle_shards_per_block`` may then exceed 1 (windows draw from several
+    same-bucket chunks) and a small ``bucket_chunk`` mixes shapes more finely.
     """
 
     path: str  # directory holding index.json and the media shards
@@ -140,6 +149,10 @@ class MediaDataConfig:
     shuffle_shards_per_block: int = 1
     # A shard whose bad samples exceed this fraction of its samples stops training.
     max_bad_fraction: float = 0.01
+    # Sequence packing, as data.pack / data.pack_capacity / data.pack_cost for feature shards.
+    pack: bool = False
+    pack_capacity: int | None = None  # tokens per pack; required with pack=true
+    pack_cost: str = "tokens"  # balance DP ranks by tokens, or tokens + tokens^2/8192 (attention)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
 
     def __post_init__(self) -> None:
@@ -193,7 +206,7 @@ class MediaDataConfig:
             raise ValueError(
                 f"media.shuffle_shards_per_block={self.shuffle_shards_per_block}: must be >= 1"
             )
-        if self.num_buckets > 1 and self.shuffle_shards_per_block != 1:
+        if self.num_buckets > 1 and self.shuffle_shards_per_block != 1 and not self.pack:
             raise ValueError(
                 f"media.shuffle_shards_per_block={self.shuffle_shards_per_block}: must be 1 with "
                 f"{self.num_buckets} buckets (each shuffle unit is one same-bucket chunk of "
@@ -201,6 +214,16 @@ class MediaDataConfig:
             )
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"media.max_bad_fraction={self.max_bad_fraction}: must be in [0, 1]")
+        if self.pack_cost not in PACK_COSTS:
+            raise ValueError(
+                f"media.pack_cost={self.pack_cost!r}: choose one of {', '.join(PACK_COSTS)}"
+            )
+        if self.pack and (self.pack_capacity is None or self.pack_capacity < 1):
+            raise ValueError(
+                f"media.pack_capacity={self.pack_capacity}: media.pack=true needs a positive "
+                "token capacity per pack (at least the largest bucket's frames * H/d/p * W/d/p, "
+                "d = VAE downsampling, p = model.patch_size)"
+            )
 
     @property
     def num_buckets(self) -> int:

@@ -6,7 +6,7 @@ Semantics (docs/video.md, *Packing*):
   ``[k GB, (k+1) GB)`` of the deterministic sample order (:class:`~.sampler.GlobalOrder`, the same
   order the unpacked :class:`~.sampler.MicroBatchIterator` reads), whatever the DP size.
 * **Packs are formed inside that window**, from the samples' model token counts
-  (``frames * H/p * W/p``, read from ``index.json``, no file access): the number of packs is what
+  (``frames * H/p * W/p``, no file access; see ``SampleSizes`` below): the number of packs is what
   first-fit decreasing needs at ``capacity`` tokens per pack
   (:func:`~lumos_mcore.models.dit.packing.pack_by_tokens`), rounded up to a multiple of the DP
   size; the samples are spread longest-first over that many packs onto the least-loaded one with
@@ -28,6 +28,11 @@ Semantics (docs/video.md, *Packing*):
   next good sample after the window that fits (given the position of a dropped sample, so the
   positions of a step stay unique) — like ``MicroBatchIterator``'s replacement rule, it depends
   only on the data.
+* **Where token counts come from** is the only source-specific part: a :class:`SampleSizes`
+  provider — :class:`FeatureSizes` (latent shapes in ``index.json``) or, for raw media
+  (``media.pack``), ``MediaSizes`` (each sample's aspect-ratio / duration bucket, known before
+  decoding). Raw packs are collated by ``MediaDataset.collate_pack`` and encoded by
+  ``OnlineEncodingIterator`` into this module's pack format.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +49,13 @@ import torch
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.models.dit.packing import balance_packs, pack_by_tokens, sample_cost
 
-__all__ = ["PackedMicroBatchIterator", "StepPlan", "collate_pack"]
+__all__ = [
+    "FeatureSizes",
+    "PackedMicroBatchIterator",
+    "SampleSizes",
+    "StepPlan",
+    "collate_pack",
+]
 
 _PLAN_CACHE = 4  # step plans kept (the current step plus the prefetched ones)
 
@@ -61,6 +72,91 @@ class StepPlan:
     @property
     def micro_batches(self) -> int:
         return len(self.packs[0])
+
+
+class SampleSizes(Protocol):
+    """What the planner needs to know about the samples, without loading them.
+
+    The planner is the same for every data source; only where a sample's model token count
+    comes from differs: feature shards record latent shapes in ``index.json``
+    (:class:`FeatureSizes`), raw media know each sample's aspect-ratio / duration bucket before
+    decoding (:class:`~lumos_mcore.data.media.dataset.MediaSizes`). ``section`` names the config
+    section of the packing flags (``data`` or ``media``) for error messages.
+    """
+
+    section: str
+
+    def token_counts(self) -> np.ndarray:
+        """``[N]`` int64 model tokens per sample; ``-1`` unknown (see ``resolve``), ``-2``
+        unusable (see ``reject``)."""
+        ...
+
+    def resolve(self, index: int) -> int:
+        """Tokens of a sample ``token_counts`` did not know (may read it); ``-2`` unusable."""
+        ...
+
+    def is_known_bad(self, index: int) -> bool: ...
+
+    def reject(self, index: int) -> None:
+        """Count an unusable sample as bad (the dataset's ``bad_counts``)."""
+        ...
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """Latent shape ``(C, (T,) H, W)`` (``()`` if unknown): same-shape samples of a pack
+        sit together so attention batches them."""
+        ...
+
+    def frames(self, index: int) -> int: ...
+
+    def describe(self, index: int) -> str:
+        """Where a sample's token count comes from, for the capacity error message."""
+        ...
+
+
+class FeatureSizes:
+    """Token counts of feature shards (``FeatureDataset``): ``frames * H/p * W/p`` of the latent
+    shapes recorded in ``index.json``; a sample whose shape is not recorded is read once."""
+
+    section = "data"
+
+    def __init__(self, dataset: Any, patch_size: int) -> None:
+        self.dataset = dataset
+        self.patch_size = patch_size
+
+    def token_counts(self) -> np.ndarray:
+        return np.asarray(self.dataset.token_counts(self.patch_size), dtype=np.int64)  # [N]
+
+    def resolve(self, index: int) -> int:
+        sample = self.dataset.get_or_none(index)  # counted bad by the dataset if it fails
+        if sample is None:
+            return -1
+        shape = tuple(sample["latent"].shape)
+        f, h, w = (1, *shape[1:]) if len(shape) == 3 else shape[1:]
+        p = self.patch_size
+        return f * (h // p) * (w // p) if h % p == 0 and w % p == 0 else -2
+
+    def is_known_bad(self, index: int) -> bool:
+        return bool(self.dataset.is_known_bad(index))
+
+    def reject(self, index: int) -> None:
+        self.dataset.reject(
+            index,
+            "bad_shape",
+            f"latent {self.dataset.latent_shape(index)} is not a multiple of the patch "
+            f"size {self.patch_size}",
+        )
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        return tuple(self.dataset.latent_shape(index) or ())
+
+    def frames(self, index: int) -> int:
+        shape = self.shape(index)
+        return int(shape[1]) if len(shape) == 4 else 1  # [C, T, H, W] | [C, H, W]
+
+    def describe(self, index: int) -> str:
+        shape = self.dataset.latent_shape(index)
+        where = f"latent {shape}" if shape is not None else "shape not in index.json; found on read"
+        return f"sample {self.dataset.key(index)!r} ({where}, patch {self.patch_size})"
 
 
 def collate_pack(
@@ -108,7 +204,12 @@ class PackedMicroBatchIterator(MicroBatchIterator):
     """Endless iterator over this DP rank's packs (module docstring), resumable from
     ``consumed_samples``; prefetch threads, ``state_dict`` and ``close`` as in the base class.
 
-    ``dataset`` must provide ``token_counts(patch_size)`` and ``reject`` (``FeatureDataset``).
+    ``sizes`` gives the planner each sample's token count (:class:`SampleSizes`); by default
+    :class:`FeatureSizes` of ``dataset`` (a ``FeatureDataset``: ``token_counts(patch_size)``,
+    ``reject``). ``collate(samples, positions)`` turns the samples ``dataset.get_or_none``
+    returned for one pack into a batch (default :func:`collate_pack`); the iterator then adds
+    ``loss_scale`` and ``pack_length``. Raw media pass ``MediaSizes`` and
+    ``MediaDataset.collate_pack`` (decoded pixels, encoded later by ``OnlineEncodingIterator``).
     ``on_global_batch(n)``, if set, is called after the last pack of a step with the number of
     packs of the next step (the trainer passes it to megatron's schedule as ``num_microbatches``).
     """
@@ -127,6 +228,8 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         token_multiple: int = 1,
         micro_batch_multiple: int = 1,
         consumed_samples: int = 0,
+        sizes: SampleSizes | None = None,
+        collate: Callable[[list[Any], list[int]], dict[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -139,11 +242,13 @@ class PackedMicroBatchIterator(MicroBatchIterator):
             **kwargs,
         )
         sample_cost(1, cost)  # validates the name
+        self.sizes: SampleSizes = sizes if sizes is not None else FeatureSizes(dataset, patch_size)
+        flag = f"{self.sizes.section}.pack_capacity"
         if capacity < 1:
-            raise ValueError(f"data.pack_capacity={capacity}: must be >= 1")
+            raise ValueError(f"{flag}={capacity}: must be >= 1")
         if pack_length is not None and pack_length < capacity:
             raise ValueError(
-                f"data.pack_capacity={capacity}: larger than the fixed pack length {pack_length} "
+                f"{flag}={capacity}: larger than the fixed pack length {pack_length} "
                 "(pipeline parallelism pads every pack to model.num_tokens)"
             )
         if micro_batch_multiple < 1 or global_batch_size % (dp_size * micro_batch_multiple):
@@ -159,15 +264,15 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         self.patch_size = patch_size
         self.cost = cost
         self.pack_length = pack_length
+        self._collate = collate
         self.on_global_batch: Callable[[int], None] | None = None
         self.dropped_in_packs = 0  # samples that failed to read and left their pack (this rank)
-        tokens = np.asarray(dataset.token_counts(patch_size), dtype=np.int64)  # [N]
+        tokens = np.asarray(self.sizes.token_counts(), dtype=np.int64)  # [N]
         if tokens.max(initial=0) > capacity:
             i = int(tokens.argmax())
             raise ValueError(
-                f"data.pack_capacity={capacity}: sample {dataset.key(i)!r} has {int(tokens[i])} "
-                f"tokens (latent {dataset.latent_shape(i)}, patch {patch_size}); raise "
-                f"data.pack_capacity to at least {int(tokens.max())}"
+                f"{flag}={capacity}: {self.sizes.describe(i)} has {int(tokens[i])} tokens; "
+                f"raise {flag} to at least {int(tokens.max())}"
             )
         if token_multiple > 1:
             odd = np.flatnonzero((tokens > 0) & (tokens % token_multiple != 0))
@@ -176,7 +281,8 @@ class PackedMicroBatchIterator(MicroBatchIterator):
                 raise ValueError(
                     f"parallel.cp with model.cp_layout='zigzag' needs every sample's tokens to be "
                     f"a multiple of {token_multiple}; {len(odd)} samples are not, e.g. "
-                    f"{dataset.key(i)!r} with {int(tokens[i])} tokens; use the contiguous layout"
+                    f"{self.sizes.describe(i)} with {int(tokens[i])} tokens; use the contiguous "
+                    "layout"
                 )
         self._tokens = tokens
         self._plans: OrderedDict[int, StepPlan] = OrderedDict()
@@ -187,26 +293,17 @@ class PackedMicroBatchIterator(MicroBatchIterator):
     def _tokens_of(self, index: int) -> int:
         """Tokens of one sample; resolves an unrecorded shape by reading it once. <= 0: unusable."""
         n = int(self._tokens[index])
-        if n == -1 and not self.dataset.is_known_bad(index):
-            sample = self.dataset.get_or_none(index)  # counted bad by the dataset if it fails
-            if sample is not None:
-                shape = tuple(sample["latent"].shape)
-                f, h, w = (1, *shape[1:]) if len(shape) == 3 else shape[1:]
-                p = self.patch_size
-                n = f * (h // p) * (w // p) if h % p == 0 and w % p == 0 else -2
-                if n > self.capacity:
-                    raise ValueError(
-                        f"data.pack_capacity={self.capacity}: sample {self.dataset.key(index)!r} "
-                        f"has {n} tokens (shape not in index.json; found on read)"
-                    )
+        if n == -1 and not self.sizes.is_known_bad(index):
+            n = self.sizes.resolve(index)
+            if n > self.capacity:
+                flag = f"{self.sizes.section}.pack_capacity"
+                raise ValueError(
+                    f"{flag}={self.capacity}: {self.sizes.describe(index)} has {n} tokens "
+                    f"(found on read); raise {flag} to at least {n}"
+                )
             self._tokens[index] = n
-        if n == -2 and not self.dataset.is_known_bad(index):
-            self.dataset.reject(
-                index,
-                "bad_shape",
-                f"latent {self.dataset.latent_shape(index)} is not a multiple of the patch "
-                f"size {self.patch_size}",
-            )
+        if n == -2 and not self.sizes.is_known_bad(index):
+            self.sizes.reject(index)
         return n
 
     def _filler(self, position: int, exclude: set[int]) -> tuple[int, int]:
@@ -258,7 +355,7 @@ class PackedMicroBatchIterator(MicroBatchIterator):
                 # Same-shape samples next to each other: attention batches them in one call.
                 ordered = sorted(
                     packs[k],
-                    key=lambda m: (-m[2], self.dataset.latent_shape(m[1]) or (), m[0]),
+                    key=lambda m: (-m[2], self.sizes.shape(m[1]), m[0]),
                 )
                 rank_packs.append([(m[0], m[1]) for m in ordered])
             per_rank.append(rank_packs)
@@ -317,9 +414,7 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         for rank in self.plan(batch_start).packs:
             for pack in rank:
                 for _, index in pack:
-                    shape = self.dataset.latent_shape(index) or ()
-                    frames = shape[1] if len(shape) == 4 else 1  # [C, T, H, W] | [C, H, W]
-                    sizes.append((int(self._tokens[index]), int(frames)))
+                    sizes.append((int(self._tokens[index]), self.sizes.frames(index)))
         return sizes
 
     def rank_tokens(self, batch_start: int) -> list[int]:
@@ -353,7 +448,13 @@ class PackedMicroBatchIterator(MicroBatchIterator):
                 p += 1
         planned = sum(len(pk) for r in plan.packs for pk in r)  # samples of the step
         scale = self.dp_size * plan.micro_batches / planned
-        return collate_pack(samples, positions, pack_length=self.pack_length, loss_scale=scale)
+        if self._collate is None:
+            return collate_pack(samples, positions, pack_length=self.pack_length, loss_scale=scale)
+        out = self._collate(samples, positions)
+        out["loss_scale"] = float(scale)
+        if self.pack_length is not None:
+            out["pack_length"] = int(self.pack_length)
+        return out
 
     def __next__(self) -> dict[str, Any]:
         batch = super().__next__()

@@ -1,4 +1,11 @@
-"""The frozen encoders as one step: a decoded raw-media batch -> the model's training inputs."""
+"""The frozen encoders as one step: a decoded raw-media batch -> the model's training inputs.
+
+Dense micro-batches (one bucket) are encoded in one call per encoder. Packs (``media.pack``)
+hold samples of several buckets: each same-shape group is encoded as one batch and the
+per-sample results are assembled into ``DiffusionForwardStep.prepare_packed``'s format by the
+feature packer's own :func:`~lumos_mcore.data.packing.collate_pack`, so both sources give the
+step the same pack layout.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,40 @@ from lumos_mcore.encoders.t5 import FrozenT5
 from lumos_mcore.encoders.vae import FrozenVAE
 
 _PASS_THROUGH = ("index", "resolution", "aspect_ratio", "camera_pose")
+# Per-sample encoder outputs of a pack, broadcast from the replica's encoding rank.
+_PACK_KEYS = ("latent", "cond", "cond_mask")
+
+
+def is_pack(batch: dict[str, Any]) -> bool:
+    """A raw pack (``MediaDataset.collate_pack``): ``pixels`` is a list of differently shaped
+    samples rather than one ``[B, ...]`` tensor."""
+    return isinstance(batch.get("pixels"), list)
+
+
+def assemble_pack(raw: dict[str, Any], encoded: dict[str, list[torch.Tensor]]) -> dict[str, Any]:
+    """A raw pack + its per-sample encodings -> ``prepare_packed``'s batch.
+
+    ``encoded``: ``latent`` ``n x [C, (T,) h, w]``, ``cond`` ``n x [Lc, Dc]``, ``cond_mask``
+    ``n x [Lc]`` in pack order. Runs on every rank of a replica (deterministic), so only the
+    encoder outputs travel by broadcast.
+    """
+    from lumos_mcore.data.packing import collate_pack
+
+    index = raw["index"].tolist()
+    samples = [
+        {"latent": lat, "cond": c, "cond_mask": m, "index": i}
+        for lat, c, m, i in zip(encoded["latent"], encoded["cond"], encoded["cond_mask"], index)
+    ]
+    out = collate_pack(
+        samples,
+        raw["position"].tolist(),
+        pack_length=raw.get("pack_length"),
+        loss_scale=raw.get("loss_scale"),
+    )
+    for k in ("resolution", "aspect_ratio", "camera_pose"):
+        if k in raw:
+            out[k] = raw[k]
+    return out
 
 
 class FrozenEncoders:
@@ -84,6 +125,35 @@ class FrozenEncoders:
                 out[k] = batch[k]
         return out
 
+    @torch.no_grad()
+    def encode_samples(self, pack: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        """Per-sample ``latent`` / ``cond`` / ``cond_mask`` of a raw pack, in pack order.
+
+        Samples of one shape (one bucket) are encoded together, as a dense micro-batch of
+        that bucket would be: fewer, larger encoder calls, and a sample's encoding does not
+        depend on which other shapes share its pack.
+        """
+        pixels = pack["pixels"]  # n x [3, (T,) H, W]
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, x in enumerate(pixels):
+            groups.setdefault(tuple(x.shape), []).append(i)
+        out: dict[str, list[Any]] = {k: [None] * len(pixels) for k in _PACK_KEYS}
+        for members in groups.values():
+            batch = {
+                "pixels": torch.stack([pixels[i] for i in members]),  # [B, 3, (T,) H, W]
+                "caption": [pack["caption"][i] for i in members],
+                "index": pack["index"][members],  # [B]
+            }
+            enc = self.encode(batch)
+            for k in _PACK_KEYS:
+                for j, i in enumerate(members):
+                    out[k][i] = enc[k][j]  # latent [C, (T,) h, w]; cond [Lc, Dc]; mask [Lc]
+        return out
+
+    def encode_pack(self, pack: dict[str, Any]) -> dict[str, Any]:
+        """A raw pack -> ``prepare_packed``'s format (``encode_samples`` + ``assemble_pack``)."""
+        return assemble_pack(pack, self.encode_samples(pack))
+
 
 class OnlineEncodingIterator:
     """Wraps the raw-media ``MicroBatchIterator`` so the trainer sees feature batches.
@@ -96,6 +166,10 @@ class OnlineEncodingIterator:
     first rank runs the encoders; the others receive ``latent`` / ``cond`` / ``cond_mask`` by
     broadcast. That saves the repeated encoder work and guarantees bit-identical inputs on all
     ranks of a replica, which GPU kernels do not promise when each rank encodes for itself.
+
+    Packs (``media.pack``, :func:`is_pack`) are encoded per same-shape group
+    (``FrozenEncoders.encode_samples``); the per-sample tensors are broadcast as one flat buffer
+    per key and every rank assembles the pack itself (:func:`assemble_pack`).
     """
 
     def __init__(self, batches: Any, encoders: Any, *, group: Any = None) -> None:
@@ -115,9 +189,48 @@ class OnlineEncodingIterator:
 
     def __next__(self) -> dict[str, Any]:
         raw = next(self.batches)
+        if is_pack(raw):
+            if self.group is None:
+                return self.encoders.encode_pack(raw)
+            return assemble_pack(raw, self._encode_pack_and_broadcast(raw))
         if self.group is None:
             return self.encoders.encode(raw)
         return self._encode_and_broadcast(raw)
+
+    def _encode_pack_and_broadcast(self, raw: dict[str, Any]) -> dict[str, list[torch.Tensor]]:
+        """The pack's per-sample encodings on every rank of the replica: the source encodes,
+        then each key's differently shaped tensors travel as one flat buffer (shapes and dtype
+        first, by object broadcast), so a pack costs one collective per key, not per sample."""
+        import torch.distributed as dist
+
+        device = getattr(self.encoders, "device", torch.device("cpu"))
+        if dist.get_rank() == self.src:
+            enc = self.encoders.encode_samples(raw)
+            meta: list[Any] = [
+                [(k, [tuple(t.shape) for t in enc[k]], str(enc[k][0].dtype)) for k in _PACK_KEYS]
+            ]
+        else:
+            enc, meta = {}, [None]
+        dist.broadcast_object_list(meta, src=self.src, group=self.group)
+        out: dict[str, list[torch.Tensor]] = {}
+        for k, shapes, dtype in meta[0]:
+            numels = [int(torch.Size(s).numel()) for s in shapes]
+            if k in enc:
+                flat = torch.cat([t.reshape(-1) for t in enc[k]])  # [sum numel]
+            else:
+                flat = torch.empty(
+                    sum(numels), dtype=getattr(torch, dtype.split(".")[-1]), device=device
+                )
+            if flat.dtype == torch.bool:  # not every backend broadcasts bool
+                wire = flat.to(torch.uint8)
+                dist.broadcast(wire, src=self.src, group=self.group)
+                flat = wire.bool()
+            else:
+                dist.broadcast(flat, src=self.src, group=self.group)
+            out[k] = [
+                part.reshape(s) for part, s in zip(torch.split(flat, numels), shapes)
+            ]  # n x [shape_i]
+        return out
 
     def _encode_and_broadcast(self, raw: dict[str, Any]) -> dict[str, Any]:
         import torch.distributed as dist

@@ -182,7 +182,8 @@ class Trainer:
         job = self.job
         choice = kernel_choices().get("norm_modulate")  # set by select_kernels on CUDA
         kernels = choice.backend if choice is not None else "torch"
-        pack = job.data.pack_capacity if job.data is not None and job.data.pack else None
+        source = job.data if job.data is not None else job.media  # data.pack or media.pack
+        pack = source.pack_capacity if source.pack else None
         est = estimate_job_memory(
             job.model,
             job.parallel,
@@ -315,47 +316,62 @@ class Trainer:
             self.dataset = FeatureDataset(job.data)
         # validation.holdout: training never sees the held-out tail (the validator reads it).
         train_set, _ = holdout_split(self.dataset, job)
-        if job.data is not None and job.data.pack:
-            # One pack per micro-batch; the pack count varies per step (same on every DP rank),
-            # so the iterator updates num_microbatches for the next step as each step ends.
-            from lumos_mcore.data.packing import PackedMicroBatchIterator
-            from lumos_mcore.training.setup import unwrap
-
-            core = unwrap(self.chunks[0])
-            cp = self.info.cp_size
-            zigzag = cp > 1 and getattr(core, "cp_mode", "contiguous") == "zigzag"
-            data = PackedMicroBatchIterator(
+        source = job.data if job.data is not None else job.media
+        if source.pack:
+            data = self._packed_iterator(train_set, source)
+        else:
+            data = MicroBatchIterator(
                 train_set,
                 global_batch_size=job.train.global_batch_size,
+                micro_batch_size=job.train.micro_batch_size,
                 dp_rank=self.info.dp_rank,
                 dp_size=self.info.dp_size,
-                capacity=job.data.pack_capacity,
-                patch_size=job.model.patch_size,
-                cost=job.data.pack_cost,
-                # PP sends fixed-size activations of seq_length = model.num_tokens tokens.
-                pack_length=job.model.num_tokens if self.info.pp_size > 1 else None,
-                token_multiple=2 * cp if zigzag else 1,
-                # megatron's interleaved schedule runs a multiple of pp micro-batches.
-                micro_batch_multiple=self.info.pp_size if self.info.vpp_size else 1,
                 consumed_samples=self.step * job.train.global_batch_size,
             )
-            self._packed = data
-            self.num_microbatches = data.num_micro_batches_now
-            data.on_global_batch = lambda n: setattr(self, "num_microbatches", n)
-            return StallTimer(data)
-        data = MicroBatchIterator(
-            train_set,
-            global_batch_size=job.train.global_batch_size,
-            micro_batch_size=job.train.micro_batch_size,
-            dp_rank=self.info.dp_rank,
-            dp_size=self.info.dp_size,
-            consumed_samples=self.step * job.train.global_batch_size,
-        )
         if job.media is not None:
-            # One rank of each model replica encodes; the others receive its tensors.
+            # One rank of each model replica encodes (a batch or a pack); the others receive it.
             self.encode_group = _replica_group(self.info.dp_rank)
             data = OnlineEncodingIterator(data, self.encoders, group=self.encode_group)
         return StallTimer(data)
+
+    def _packed_iterator(self, train_set, source):
+        """``data.pack`` / ``media.pack``: one pack per micro-batch, planned from each sample's
+        size (feature shards: its stored shape; raw media: its bucket, before decoding). The
+        pack count varies per step (same on every DP rank), so the iterator updates
+        ``num_microbatches`` for the next step as each step ends."""
+        from lumos_mcore.data.packing import PackedMicroBatchIterator
+        from lumos_mcore.training.setup import unwrap
+
+        job = self.job
+        core = unwrap(self.chunks[0])
+        cp = self.info.cp_size
+        zigzag = cp > 1 and getattr(core, "cp_mode", "contiguous") == "zigzag"
+        media = {}
+        if job.media is not None:
+            sizes = train_set.pack_sizes(
+                downsample=self.encoders.vae.downsample, patch_size=job.model.patch_size
+            )
+            media = {"sizes": sizes, "collate": train_set.collate_pack}
+        packed = PackedMicroBatchIterator(
+            train_set,
+            global_batch_size=job.train.global_batch_size,
+            dp_rank=self.info.dp_rank,
+            dp_size=self.info.dp_size,
+            capacity=source.pack_capacity,
+            patch_size=job.model.patch_size,
+            cost=source.pack_cost,
+            # PP sends fixed-size activations of seq_length = model.num_tokens tokens.
+            pack_length=job.model.num_tokens if self.info.pp_size > 1 else None,
+            token_multiple=2 * cp if zigzag else 1,
+            # megatron's interleaved schedule runs a multiple of pp micro-batches.
+            micro_batch_multiple=self.info.pp_size if self.info.vpp_size else 1,
+            consumed_samples=self.step * job.train.global_batch_size,
+            **media,
+        )
+        self._packed = packed
+        self.num_microbatches = packed.num_micro_batches_now
+        packed.on_global_batch = lambda n: setattr(self, "num_microbatches", n)
+        return packed
 
     # -- checkpoints -----------------------------------------------------------------------
     def _resume(self) -> None:

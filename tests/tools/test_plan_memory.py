@@ -76,6 +76,8 @@ def test_packing_counts_the_pack_capacity(tool):
     job = tool.load_job(None, ["data.pack=true", "data.pack_capacity=8192"])
     result = tool.plan(job, 1, capacity_gib=80)
     assert result["tokens"] == 8192 and result["micro_batch_size"] == 1
+    media = tool.load_job(None, ["media.pack=true", "media.pack_capacity=8192"])
+    assert tool.plan(media, 1, capacity_gib=80)["components_gib"] == result["components_gib"]
 
 
 def test_bad_arguments_name_what_to_fix(tool):

@@ -26,6 +26,12 @@ Held-out tail (``validation.holdout=H``): the last ``H`` *usable* samples in ind
 built, so no chunk, bucket padding or bad-sample replacement of training can reach them,
 whatever bucket they fall in. ``holdout_view()`` gives them to the validator
 (:class:`MediaHoldout`).
+
+Packing (``media.pack``): every sample's model token count follows from its bucket alone
+(:class:`MediaSizes`), so ``PackedMicroBatchIterator`` plans whole windows before anything is
+decoded; ``collate_pack`` decodes a pack whose samples have several buckets, each sample at its
+own bucket. A bad sample is replaced inside its chunk, i.e. by a sample of the same bucket, so the
+plan's token counts stay true.
 """
 
 from __future__ import annotations
@@ -49,7 +55,14 @@ from lumos_mcore.data.shard_files import ShardFiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MEDIA_BAD_REASONS", "BadDataError", "BadSampleError", "MediaDataset", "MediaHoldout"]
+__all__ = [
+    "MEDIA_BAD_REASONS",
+    "BadDataError",
+    "BadSampleError",
+    "MediaDataset",
+    "MediaHoldout",
+    "MediaSizes",
+]
 
 # Why a media sample can be unusable; the keys of MediaDataset.bad_counts.
 MEDIA_BAD_REASONS = (
@@ -449,6 +462,58 @@ class MediaDataset(ShardFiles):
                 "this happens only when a whole chunk of media.bucket_chunk samples is bad"
             ) from None
 
+    def collate_pack(self, plans: list[dict[str, Any]], positions: list[int]) -> dict[str, Any]:
+        """Decode one pack of plans of possibly different buckets (``media.pack``).
+
+        Returns ``pixels`` (list of ``[3, (T,) H, W]`` in [-1, 1], each at its own bucket),
+        ``caption``, ``key`` (lists), ``resolution`` ``[n, 2]``, ``aspect_ratio`` ``[n, 1]``
+        (each sample's bucket H / W), ``index`` and ``position`` ``[n]``, ``camera_pose``
+        ``[n, K]`` when every sample has one; ``FrozenEncoders.encode_pack`` turns it into
+        ``prepare_packed``'s format. A sample that fails to decode is replaced by the next
+        good sample of its chunk *for its own bucket*, so the pack's token count is the
+        planned one.
+        """
+        if not plans or len(plans) != len(positions):
+            raise ValueError(f"collate_pack: {len(plans)} samples for {len(positions)} positions")
+        final: list[dict[str, Any]] = list(plans)
+        pixels: list[torch.Tensor | None] = [None] * len(plans)
+        groups: dict[Bucket, list[int]] = collections.defaultdict(list)
+        for i, p in enumerate(plans):
+            groups[p["bucket"]].append(i)
+        for bucket, members in groups.items():  # one decoder call per bucket
+            outs = self.decoder.decode([plans[i]["request"] for i in members])
+            for i, out in zip(members, outs):
+                plan = plans[i]
+                while isinstance(out, DecodeError):
+                    self._mark_bad(int(self._virt[plan["index"]]), out.reason, out.detail)
+                    nxt = self._plan_first_good(plan["index"], skip_first=True, bucket=bucket)
+                    if nxt is None:
+                        raise BadDataError(
+                            f"every sample of the chunk holding sample {plan['key']!r} is bad; "
+                            f"bad so far: { {k: v for k, v in self.bad_counts.items() if v} }"
+                        )
+                    plan, out = nxt, self._decode_one(nxt)
+                pixels[i], final[i] = out, plan
+        batch: dict[str, Any] = {
+            "pixels": pixels,  # n x [3, (T,) H, W]
+            "caption": [p["caption"] for p in final],
+            "key": [p["key"] for p in final],
+            "resolution": torch.tensor([p["resolution"] for p in final], dtype=torch.float32),
+            "aspect_ratio": torch.tensor(  # [n, 1]
+                [[p["bucket"].height / p["bucket"].width] for p in final], dtype=torch.float32
+            ),
+            "index": torch.tensor([p["index"] for p in final], dtype=torch.long),  # [n]
+            "position": torch.tensor(positions, dtype=torch.long),  # [n]
+        }
+        cams = [p["camera"] for p in final]
+        if all(c is not None for c in cams) and len({c.shape for c in cams}) == 1:
+            batch["camera_pose"] = torch.from_numpy(np.stack(cams))  # [n, K]
+        return batch
+
+    def pack_sizes(self, *, downsample: int, patch_size: int) -> MediaSizes:
+        """Token counts of the training samples from their buckets (``media.pack``)."""
+        return MediaSizes(self, downsample=downsample, patch_size=patch_size)
+
     def iterator(self, *, micro_batch_size: int, **kwargs: Any) -> MicroBatchIterator:
         """``MicroBatchIterator(self, ...)`` after checking the micro-batch fits the chunks."""
         self.check_micro_batch_size(micro_batch_size)
@@ -483,6 +548,68 @@ def _stack(
         # The stored (absolute) pose; NVS pairs views and derives the relative camera.
         batch["camera_pose"] = torch.from_numpy(np.stack(cams))  # [B, K]
     return batch
+
+
+class MediaSizes:
+    """Model tokens of every training sample of a :class:`MediaDataset`, from its bucket.
+
+    A bucket ``H x W`` (``T`` frames; images 1) gives latents ``[C, (T,) H/d, W/d]`` (``d``: the
+    VAE's downsampling factor, frames encoded one by one) and ``T * (H/d/p) * (W/d/p)`` model
+    tokens at patch size ``p``. All of it is known from the index facts, before any decoding,
+    so the packer plans whole windows for free. A bucket that does not split into whole
+    patches is a config error (``media.buckets``), raised here.
+    """
+
+    section = "media"
+
+    def __init__(self, dataset: MediaDataset, *, downsample: int, patch_size: int) -> None:
+        if downsample < 1 or patch_size < 1:
+            raise ValueError(f"downsample={downsample}, patch_size={patch_size}: must be >= 1")
+        self.dataset = dataset
+        self.downsample = downsample
+        self.patch_size = patch_size
+        unit = downsample * patch_size
+        per_bucket = []
+        for b in dataset.buckets:
+            if b.height % unit or b.width % unit:
+                raise ValueError(
+                    f"media.buckets: bucket {b.height}x{b.width} does not split into whole "
+                    f"patches (VAE downsample {downsample} x model.patch_size {patch_size} = "
+                    f"{unit} pixels); use multiples of {unit}"
+                )
+            per_bucket.append(b.frames * (b.height // unit) * (b.width // unit))
+        self._per_bucket = np.asarray(per_bucket, dtype=np.int64)  # [num buckets]
+        self._bucket_of = dataset._bucket[dataset._virt].astype(np.int64)  # [N]
+
+    def token_counts(self) -> np.ndarray:
+        return self._per_bucket[self._bucket_of]  # [N]
+
+    def resolve(self, index: int) -> int:
+        return int(self._per_bucket[self._bucket_of[int(index)]])  # always known
+
+    def is_known_bad(self, index: int) -> bool:
+        return int(self.dataset._virt[int(index)]) in self.dataset._bad
+
+    def reject(self, index: int) -> None:  # never called: every bucket's count is usable
+        raise AssertionError(f"media sample {index}: token counts are never unusable")
+
+    def shape(self, index: int) -> tuple[int, ...]:
+        """``((T,) H/d, W/d)`` of the sample's latent (channels left out: same for all)."""
+        b = self.dataset.bucket_of(int(index))
+        d = self.downsample
+        hw = (b.height // d, b.width // d)
+        return (b.frames, *hw) if b.frames > 1 else hw
+
+    def frames(self, index: int) -> int:
+        return int(self.dataset.bucket_of(int(index)).frames)
+
+    def describe(self, index: int) -> str:
+        b = self.dataset.bucket_of(int(index))
+        frames = f" x {b.frames} frames" if b.frames > 1 else ""
+        return (
+            f"bucket {b.height}x{b.width}{frames} (sample {self.dataset.key(int(index))!r}; VAE "
+            f"downsample {self.downsample}, patch {self.patch_size})"
+        )
 
 
 class MediaHoldout:
