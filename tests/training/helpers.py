@@ -90,3 +90,31 @@ def train_in_process(rank: int, world: int, job: JobConfig) -> dict:
 
     result = Trainer(job).run()
     return {"losses": result.losses, "step": result.final_step, "checkpoint": result.checkpoint}
+
+
+def read_metrics(out: Path) -> dict[int, dict]:
+    """metrics.jsonl by step (a step logged twice keeps the last record)."""
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+class KeyRecorder:
+    """Stands in for a trainer's data iterator and records the sample keys of every micro-batch
+    (or pack) it hands out, for tests of what was trained on."""
+
+    def __init__(self, batches, dataset) -> None:
+        self.batches, self.dataset, self.micro_batches = batches, dataset, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.batches)
+        self.micro_batches.append([self.dataset.key(i) for i in batch["index"].tolist()])
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.batches, name)
+
+    @property
+    def seen(self) -> list[str]:
+        return [k for mb in self.micro_batches for k in mb]

@@ -6,7 +6,6 @@ validator's skipping of bad held-out samples; the errors, naming the flags."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from lumos_mcore.config.media import EncodersConfig, MediaDataConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, ValidationConfig
 from tests.dist_utils import run_distributed
-from tests.training.helpers import make_job
+from tests.training.helpers import KeyRecorder, make_job, read_metrics
 
 BUCKETS = [[64, 64], [64, 96]]  # latents 8x8 and 8x12
 
@@ -71,35 +70,13 @@ def _tail(path: Path, enc: dict, h: int) -> list[str]:
     return [names[p] for p in sorted(names)[-h:]]
 
 
-def _records(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
-class _Recorder:
-    """Stands in for the trainer's data iterator; records the keys of the trained samples."""
-
-    def __init__(self, batches, dataset) -> None:
-        self.batches, self.dataset, self.seen = batches, dataset, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.batches)
-        self.seen += [self.dataset.key(i) for i in batch["index"].tolist()]
-        return batch
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
-
-
 def _runs(rank: int, world: int, jobs: dict) -> dict:
     from lumos_mcore.training.loop import Trainer
 
     out = {}
     for name, job in jobs.items():
         trainer = Trainer(job)
-        trainer.data = _Recorder(trainer.data, trainer.dataset)
+        trainer.data = KeyRecorder(trainer.data, trainer.dataset)
         v = trainer.validator
         batches = v.micro_batches()
         trainer.run()
@@ -136,7 +113,7 @@ def test_trainer_holds_out_the_media_tail_and_resumes_val_loss(media, tmp_path) 
     assert full["same_encoders"]  # the trainer's FrozenEncoders, not a second copy
     # Resume: the same training samples and the same held-out losses.
     assert res["split_a"]["trained"] + res["split_b"]["trained"] == full["trained"]
-    a, b = _records(tmp_path / "full"), _records(tmp_path / "split")
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
     for step in (2, 4):
         assert math.isfinite(a[step]["val/loss"]) and math.isfinite(a[step]["val/loss_ema"])
         assert a[step]["val/loss"] == b[step]["val/loss"]

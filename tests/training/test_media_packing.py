@@ -13,7 +13,6 @@ Several trainers share one process (``_runs``): each spawn costs a megatron impo
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from lumos_mcore.config.train import CheckpointConfig, TrainConfig, ValidationCo
 from lumos_mcore.data.media.synthetic import write_synthetic_media
 from lumos_mcore.encoders.tiny import save_tiny_encoders
 from tests.dist_utils import run_distributed
-from tests.training.helpers import make_job
+from tests.training.helpers import KeyRecorder, make_job, read_metrics
 
 GB = 8
 
@@ -81,28 +80,6 @@ def _write_media(root: Path, sizes: list[tuple[int, int]], num: int) -> None:
     save_tiny_encoders(root / "encoders")
 
 
-def _metrics(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
-
-
-class _Recorder:
-    """Stands in for the trainer's data iterator; records the trained packs' sample keys."""
-
-    def __init__(self, batches, dataset) -> None:
-        self.batches, self.dataset, self.packs = batches, dataset, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.batches)
-        self.packs.append([self.dataset.key(i) for i in batch["index"].tolist()])
-        return batch
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
-
-
 def _runs(rank: int, world: int, jobs: dict) -> dict:
     """Train each job in turn in this process; the losses and packs each trained."""
     from lumos_mcore.training.loop import Trainer
@@ -110,13 +87,17 @@ def _runs(rank: int, world: int, jobs: dict) -> dict:
     out = {}
     for name, job in jobs.items():
         trainer = Trainer(job)
-        trainer.data = _Recorder(trainer.data, trainer.dataset)
+        trainer.data = KeyRecorder(trainer.data, trainer.dataset)
         held_out = []
         if trainer.validator is not None:
             tail = trainer.dataset.holdout_view()
             held_out = [tail.key(i) for i in range(len(tail))]
         result = trainer.run()
-        out[name] = {"losses": result.losses, "packs": trainer.data.packs, "held_out": held_out}
+        out[name] = {
+            "losses": result.losses,
+            "packs": trainer.data.micro_batches,
+            "held_out": held_out,
+        }
     return out
 
 
@@ -137,8 +118,8 @@ def test_one_sample_per_pack_equals_unpacked_micro_batch_1(tmp_path):
     assert len(got["losses"]) == steps and all(math.isfinite(x) for x in got["losses"])
     for a, b in zip(got["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (got["losses"], ref["losses"])
-    metrics = _metrics(tmp_path / "pack")
-    refm = _metrics(tmp_path / "ref")
+    metrics = read_metrics(tmp_path / "pack")
+    refm = read_metrics(tmp_path / "ref")
     for step, m in metrics.items():
         assert m["data/batches"] == GB  # 8 one-sample packs per step
         assert (
@@ -172,7 +153,7 @@ def test_mixed_bucket_packs_train_with_holdout_and_resume(tmp_path):
     trained = [k for p in full["packs"] for k in p]
     assert len(trained) == steps * GB  # the global batch counts samples
     assert len(full["held_out"]) == 4 and not set(trained) & set(full["held_out"])
-    metrics = _metrics(tmp_path / "full")
+    metrics = read_metrics(tmp_path / "full")
     # Packs mix the buckets: fewer packs than samples, the count follows each step's plan.
     assert all(m["data/batches"] < GB for m in metrics.values())
     tokens = [
@@ -183,7 +164,7 @@ def test_mixed_bucket_packs_train_with_holdout_and_resume(tmp_path):
     assert max(tokens) > GB * 16 + 1, tokens
     # Resume after step 2: the same packs, losses and held-out losses as without a stop.
     assert res["half"]["packs"] + res["rest"]["packs"] == full["packs"]
-    split = _metrics(tmp_path / "split")
+    split = read_metrics(tmp_path / "split")
     assert sorted(split) == list(range(1, steps + 1))
     for step, m in metrics.items():
         assert abs(split[step]["train/loss"] - m["train/loss"]) <= 1e-6 * abs(m["train/loss"])

@@ -435,13 +435,22 @@ class MediaDataset(ShardFiles):
             first.setdefault(p["bucket"], i)
         target = max(counts, key=lambda b: (counts[b], -first[b]))
         plans = [p if p["bucket"] == target else self._refit(p, target) for p in plans]
+        pixels, final = self._decode_replacing(plans, target)
+        return _stack(final, pixels, target)
+
+    def _decode_replacing(
+        self, plans: list[dict[str, Any]], bucket: Bucket
+    ) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """Decode same-bucket ``plans`` in one decoder call; a sample that fails is counted and
+        replaced by the next good sample of its chunk in ``bucket`` (the shape stays), so the
+        result has one ``[3, (T,) H, W]`` tensor and its final plan per input plan."""
         outs = self.decoder.decode([p["request"] for p in plans])
         pixels: list[torch.Tensor] = []
         final: list[dict[str, Any]] = []
         for plan, out in zip(plans, outs):
             while isinstance(out, DecodeError):
                 self._mark_bad(int(self._virt[plan["index"]]), out.reason, out.detail)
-                nxt = self._plan_first_good(plan["index"], skip_first=True, bucket=target)
+                nxt = self._plan_first_good(plan["index"], skip_first=True, bucket=bucket)
                 if nxt is None:
                     raise BadDataError(
                         f"every sample of the chunk holding sample {plan['key']!r} is bad; "
@@ -450,7 +459,7 @@ class MediaDataset(ShardFiles):
                 plan, out = nxt, self._decode_one(nxt)
             pixels.append(out)
             final.append(plan)
-        return _stack(final, pixels, target)
+        return pixels, final
 
     def _refit(self, plan: dict[str, Any], bucket: Bucket) -> dict[str, Any]:
         """Re-plan a sample for another bucket (only when a micro-batch had to leave its chunk)."""
@@ -481,18 +490,8 @@ class MediaDataset(ShardFiles):
         for i, p in enumerate(plans):
             groups[p["bucket"]].append(i)
         for bucket, members in groups.items():  # one decoder call per bucket
-            outs = self.decoder.decode([plans[i]["request"] for i in members])
-            for i, out in zip(members, outs):
-                plan = plans[i]
-                while isinstance(out, DecodeError):
-                    self._mark_bad(int(self._virt[plan["index"]]), out.reason, out.detail)
-                    nxt = self._plan_first_good(plan["index"], skip_first=True, bucket=bucket)
-                    if nxt is None:
-                        raise BadDataError(
-                            f"every sample of the chunk holding sample {plan['key']!r} is bad; "
-                            f"bad so far: { {k: v for k, v in self.bad_counts.items() if v} }"
-                        )
-                    plan, out = nxt, self._decode_one(nxt)
+            outs, kept = self._decode_replacing([plans[i] for i in members], bucket)
+            for i, out, plan in zip(members, outs, kept):
                 pixels[i], final[i] = out, plan
         batch: dict[str, Any] = {
             "pixels": pixels,  # n x [3, (T,) H, W]
