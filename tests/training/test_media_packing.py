@@ -173,6 +173,20 @@ def test_mixed_bucket_packs_train_with_holdout_and_resume(tmp_path):
         assert split[step]["val/loss"] == metrics[step]["val/loss"]
 
 
+def test_tensor_parallel_packs_equal_one_rank(tmp_path):
+    """TP=2 on mixed-bucket packs: the replica's first rank encodes and broadcasts each pack
+    inside the real trainer; both ranks train the same packs and the losses equal TP=1."""
+    _write_media(tmp_path, [(64, 64), (64, 96)], 16)
+    kw = dict(steps=2, buckets=[[64, 64], [64, 96]], pack=True, capacity=48, shards_per_block=2)
+    (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "tp1", **kw)}, timeout=300)
+    ranks = run_distributed(_runs, 2, {"run": _media_job(tmp_path, "tp2", tp=2, **kw)}, timeout=300)
+    assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
+    got = [r["run"]["losses"] for r in ranks if r["run"]["losses"]]
+    assert len(got) == 1 and len(got[0]) == 2
+    for a, b in zip(got[0], ref["run"]["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
+
+
 class _FakeEncoders:
     """Rank 0 'encodes' (deterministic tensors of each sample's own shape); other ranks must
     get them by broadcast only (they fail if asked to encode)."""
