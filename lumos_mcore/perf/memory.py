@@ -281,7 +281,9 @@ class MemoryEstimate:
         ]
 
     def summary(self) -> str:
-        return ", ".join(f"{name} {gib:.2f}" for name, gib in self.rows()) + " GiB"
+        """One log line; MiB for small (test / CPU) models, where GiB would read 0.00."""
+        scale, unit = (1, "GiB") if self.total >= GIB else (1024, "MiB")
+        return ", ".join(f"{name} {v * scale:.2f}" for name, v in self.rows()) + f" {unit}"
 
 
 def estimate_memory(

@@ -238,3 +238,10 @@ def test_bad_arguments_are_named():
         layer_activation_terms(_model(), ParallelConfig(), kernels="cuda")
     with pytest.raises(ValueError, match="micro_batch_size=0"):
         estimate_memory(_model(), ParallelConfig(), micro_batch_size=0)
+
+
+def test_summary_line_uses_a_readable_unit():
+    small = estimate_memory(_model(), ParallelConfig(), bf16=False).summary()
+    assert small.endswith(" MiB") and "total 0.00" not in small
+    big = estimate_memory(ModelConfig(name="Lumos-XL/2"), ParallelConfig()).summary()
+    assert big.endswith(" GiB") and "params 1.5" in big  # 822M bf16 weights
