@@ -434,20 +434,41 @@ class Trainer:
             dp_rank=self.info.dp_rank,
             dp_size=self.info.dp_size,
         )
-        if len(self.chunks) == 1:
+        if len(self.chunks) == 1 or self._prefetch_steps:
             return it
         return list(itertools.tee(it, len(self.chunks)))  # every virtual stage sees each batch
+
+    @property
+    def _prefetch_steps(self) -> bool:
+        """Raw media under pipeline parallelism: read each step's micro-batches before the
+        schedule runs. Encoding broadcasts over the replica, which spans the stages, while
+        megatron's 1F1B schedule has a later stage wait in ``recv_forward`` before it asks for
+        its batch: the first stage would wait in the broadcast for a rank that waits for its
+        activations. Reading the step up front puts every replica collective before the
+        schedule's p2p traffic; the cost is holding one step's latents (not pixels)."""
+        return self.encode_group is not None and self.info.pp_size > 1
+
+    def _step_data(self, batches, num_microbatches: int):
+        """The schedule's ``data_iterator`` for one step (see :attr:`_prefetch_steps`)."""
+        if not self._prefetch_steps:
+            return batches
+        step = [next(batches) for _ in range(num_microbatches)]
+        if len(self.chunks) == 1:
+            return iter(step)
+        return [iter(step) for _ in self.chunks]  # every virtual stage sees each batch
 
     def train_step(self, batches) -> dict[str, float]:
         """Forward/backward over the micro-batches, optimizer step, schedule, EMA."""
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # Packs: reading a step's last pack already sets num_microbatches for the next step.
+        num_microbatches = self.num_microbatches
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step,
-            data_iterator=batches,
+            data_iterator=self._step_data(batches, num_microbatches),
             model=self.chunks,
-            num_microbatches=self.num_microbatches,
+            num_microbatches=num_microbatches,
             seq_length=self.job.model.num_tokens,
             micro_batch_size=self.job.train.micro_batch_size,
             forward_only=False,

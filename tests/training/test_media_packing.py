@@ -7,6 +7,7 @@ decode -> packs planned from the buckets -> frozen VAE + DINO per same-shape gro
   never trains on a held-out sample, and a run resumed from a mid-run checkpoint gives the
   uninterrupted run's losses, packs and held-out losses.
 * The replica broadcast of a pack's differently shaped encodings (TP=2 ranks, gloo).
+* TP=2, CP=2 and PP=2 in the real trainer: the same packs as one rank, the same losses.
 
 Several trainers share one process (``_runs``): each spawn costs a megatron import.
 """
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from lumos_mcore.config.media import EncodersConfig, MediaDataConfig
+from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, TrainConfig, ValidationConfig
 from lumos_mcore.data.media.synthetic import write_synthetic_media
@@ -41,6 +43,7 @@ def _media_job(
     save_interval: int = 10_000,
     shards_per_block: int = 1,
     validation: ValidationConfig | None = None,
+    latent_size: int = 8,
     **parallel,
 ):
     media = root / "media"
@@ -60,6 +63,7 @@ def _media_job(
         root / out,
         steps=steps,
         media=cfg,
+        model=ModelConfig(name="Lumos-Micro/2", latent_size=latent_size, cond_channels=32),
         train=TrainConfig(
             steps=steps,
             micro_batch_size=1,
@@ -185,6 +189,40 @@ def test_tensor_parallel_packs_equal_one_rank(tmp_path):
     assert len(got) == 1 and len(got[0]) == 2
     for a, b in zip(got[0], ref["run"]["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
+
+
+def _assert_layout_equals_one_rank(tmp_path, latent_size: int = 8, **parallel) -> None:
+    """Mixed-bucket packs on two ranks laid out as ``parallel`` train the packs of one rank
+    and give its per-step losses."""
+    _write_media(tmp_path, [(64, 64), (64, 96)], 16)
+    kw = dict(
+        steps=2,
+        buckets=[[64, 64], [64, 96]],
+        pack=True,
+        capacity=48,
+        shards_per_block=2,
+        latent_size=latent_size,
+    )
+    (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "one", **kw)}, timeout=300)
+    job = _media_job(tmp_path, "two", **kw, **parallel)
+    ranks = run_distributed(_runs, 2, {"run": job}, timeout=300)
+    assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
+    got = [r["run"]["losses"] for r in ranks if r["run"]["losses"]]
+    assert len(got) == 1 and len(got[0]) == 2
+    for a, b in zip(got[0], ref["run"]["losses"]):
+        assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
+
+
+def test_context_parallel_packs_equal_one_rank(tmp_path):
+    """CP=2: both ranks of the replica get the broadcast pack and each trains its own slice
+    of every sample's tokens (16 and 24 tokens split evenly for the zigzag layout)."""
+    _assert_layout_equals_one_rank(tmp_path, cp=2)
+
+
+def test_pipeline_parallel_packs_equal_one_rank(tmp_path):
+    """PP=2: every pack is padded to model.num_tokens (7 x 7 = 49 >= capacity 48) so the
+    stages exchange fixed shapes; the first and last stages see the same packs."""
+    _assert_layout_equals_one_rank(tmp_path, latent_size=14, pp=2)
 
 
 class _FakeEncoders:
