@@ -11,7 +11,10 @@ backward term by term, and the same job under each recompute mode (and, with
 memory. Nothing is built or allocated, so it runs anywhere in a second. ``key=value``
 arguments override the ``model.`` / ``parallel.`` / ``train.`` sections as for
 ``lumos_mcore.train``; of the data / media sections only ``pack`` / ``pack_capacity`` enter the
-count (the data itself need not exist here).
+count (the data itself need not exist here), plus, for raw-media jobs, ``media.encoders`` with
+``media.buckets`` / ``num_frames`` / ``modality``: the frozen encoders' weights and encode
+working set (``lumos_mcore.perf.encoder_memory``), counted from the encoders' local config.json
+files; where those directories are not on this machine the plan says the encoders were left out.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ except ImportError:  # run from a checkout without installing the package
 import yaml
 
 from lumos_mcore.config.loader import ConfigError, load_config_tree
+from lumos_mcore.config.media import EncodersConfig, MediaDataConfig
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import TrainConfig
+from lumos_mcore.perf.encoder_memory import estimate_encoder_memory
 from lumos_mcore.perf.memory import GIB, KERNELS, MemoryEstimate, estimate_job_memory
 
 RECOMPUTE = ("none", "selective", "full")
@@ -54,9 +59,34 @@ class PlannedJob:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     pack_capacity: int | None = None  # data.pack_capacity when data.pack is on
+    encoders: EncodersConfig | None = None  # media.encoders of a raw-media job, when readable
+    buckets: list[list[int]] = dataclasses.field(default_factory=list)  # media.buckets
+    clip_lengths: list[int] = dataclasses.field(default_factory=lambda: [1])  # video frames
+    note: str = ""  # why the frozen encoders were left out
 
 
 SECTIONS = ("model", "parallel", "train")
+MEDIA_KEYS = ("pack", "pack_capacity", "buckets", "num_frames", "modality")
+_MEDIA_DEFAULTS = {f.name: f for f in dataclasses.fields(MediaDataConfig)}
+
+
+def _media_default(name: str):
+    f = _MEDIA_DEFAULTS[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _encoders(job: PlannedJob, media: dict, encoders: dict) -> None:
+    """Fill the job's raw-media encoder fields; a missing local directory becomes a note."""
+    try:
+        job.encoders = load_config_tree(EncodersConfig, encoders, [])
+    except (ConfigError, ValueError) as exc:
+        job.note = f"frozen encoders not counted: {exc}"
+        return
+    job.buckets = [list(b) for b in media.get("buckets") or _media_default("buckets")]
+    video = (media.get("modality") or _media_default("modality")) == "video"
+    job.clip_lengths = (
+        list(media.get("num_frames") or _media_default("num_frames")) if video else [1]
+    )
 
 
 def load_job(config: str | None, overrides: list[str]) -> PlannedJob:
@@ -66,21 +96,30 @@ def load_job(config: str | None, overrides: list[str]) -> PlannedJob:
         with open(config, encoding="utf-8") as fh:
             tree = yaml.safe_load(fh) or {}
     # packing: data.pack (feature shards) or media.pack (raw media), same two keys
-    data = {**(tree.get("data") or {}), **(tree.get("media") or {})}
+    media = dict(tree.get("media") or {})
+    encoders = dict(media.pop("encoders", None) or {})
+    data = {**(tree.get("data") or {}), **media}
     kept, rest = [], []
     for item in overrides:
         (kept if item.split(".", 1)[0] in SECTIONS else rest).append(item)
     for item in rest:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
-        if section not in ("data", "media") or name not in ("pack", "pack_capacity"):
+        if section == "media" and name.startswith("encoders."):
+            encoders[name.split(".", 1)[1]] = yaml.safe_load(value)
+            continue
+        if section not in ("data", "media") or name not in MEDIA_KEYS:
             raise ConfigError(
-                f"{item}: only model.*, parallel.*, train.* and data. / media.pack, "
-                "pack_capacity change the memory plan"
+                f"{item}: only model.*, parallel.*, train.*, data. / media.pack, pack_capacity "
+                "and media.buckets, num_frames, modality, encoders.* change the memory plan"
             )
         data[name] = yaml.safe_load(value)
+        if section == "media":
+            media[name] = data[name]
     sections = {k: v for k, v in tree.items() if k in SECTIONS}
     job = load_config_tree(PlannedJob, sections, kept)
+    if encoders:
+        _encoders(job, media, encoders)
     if data.get("pack"):
         if not data.get("pack_capacity"):
             raise ConfigError("pack=true: set data. / media.pack_capacity (tokens per pack)")
@@ -137,12 +176,13 @@ def plan(
         "layers_per_stage": est.layers,
         "fits": est.fits(capacity, reserve),
         "rows": rows,
+        "note": job.note,
     }
 
 
 def _estimate(job: PlannedJob, world_size: int, kernels: str) -> MemoryEstimate:
     # GPU planning: ``precision: auto`` means bf16 (the CUDA default), whatever this host is.
-    return estimate_job_memory(
+    est = estimate_job_memory(
         job.model,
         job.parallel,
         job.train,
@@ -151,6 +191,17 @@ def _estimate(job: PlannedJob, world_size: int, kernels: str) -> MemoryEstimate:
         bf16=job.model.precision != "fp32",
         kernels=kernels,
     )
+    if job.encoders is None:
+        return est
+    enc = estimate_encoder_memory(
+        job.encoders,
+        buckets=job.buckets,
+        clip_lengths=job.clip_lengths,
+        micro_batch_size=1 if job.pack_capacity else job.train.micro_batch_size,
+        pack_capacity=job.pack_capacity,
+        patch_size=job.model.patch_size,
+    )
+    return dataclasses.replace(est, encoders=enc.weight_bytes, encode_working=enc.working)
 
 
 def format_plan(result: dict) -> str:
@@ -170,6 +221,8 @@ def format_plan(result: dict) -> str:
     ]
     lines += [f"| {name} | {gib:.2f} |" for name, gib in result["components_gib"].items()]
     verdict = "fits" if result["fits"] else "does NOT fit"
+    if result.get("note"):
+        lines += ["", result["note"]]
     lines += [
         "",
         f"{verdict} in {result['reserve']:.0%} of {result['capacity_gib']:.0f} GiB",

@@ -27,12 +27,14 @@ Counts use ``[s, b, h]`` terms: ``s`` is the rank's token count after context pa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from lumos_mcore.config.media import MediaDataConfig
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
 
@@ -254,6 +256,8 @@ class MemoryEstimate:
     layers: int  # blocks on the stage
     num_params: int
     layer_terms: dict[str, int] = field(default_factory=dict)
+    encoders: int = 0  # frozen encoders' weights on the device (raw-media jobs)
+    encode_working: int = 0  # peak of one encode call (perf/encoder_memory.py)
 
     @property
     def static(self) -> int:
@@ -261,7 +265,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.static + self.activations + self.working
+        # Encoding runs when no DiT activations are alive (between micro-batches, or before
+        # the step under pipeline parallelism): the two peaks do not add up.
+        step = max(self.activations + self.working, self.encode_working)
+        return self.static + self.encoders + step
 
     def fits(self, capacity_bytes: int, reserve: float = 0.9) -> bool:
         """Whether the total stays within ``reserve`` of the device memory (the rest is left
@@ -270,15 +277,20 @@ class MemoryEstimate:
 
     def rows(self) -> list[tuple[str, float]]:
         """(component, GiB) rows for logs and reports."""
-        return [
+        rows = [
             ("params", self.params / GIB),
             ("grads (fp32 buffer)", self.grads / GIB),
             ("optimizer", self.optimizer / GIB),
             ("ema", self.ema / GIB),
             ("activations", self.activations / GIB),
             ("backward working set", self.working / GIB),
-            ("total", self.total / GIB),
         ]
+        if self.encoders or self.encode_working:
+            rows += [
+                ("frozen encoders", self.encoders / GIB),
+                ("encode working set", self.encode_working / GIB),
+            ]
+        return rows + [("total", self.total / GIB)]
 
     def summary(self) -> str:
         """One log line; MiB for small (test / CPU) models, where GiB would read 0.00."""
@@ -401,11 +413,14 @@ def estimate_job_memory(
     pack_capacity: int | None = None,
     bf16: bool | None = None,
     kernels: str = "torch",
+    media: MediaDataConfig | None = None,
 ) -> MemoryEstimate:
     """:func:`estimate_memory` for a job's ``model`` / ``parallel`` / ``train`` sections on
     ``world_size`` ranks: data parallelism, micro-batches per step and EMA from the job.
     ``pack_capacity``: tokens per pack with ``data.pack`` (one pack per micro-batch); ``bf16``
-    None resolves ``model.precision`` as the trainer does (auto: bf16 on CUDA)."""
+    None resolves ``model.precision`` as the trainer does (auto: bf16 on CUDA). ``media``: a
+    raw-media job's data section; its frozen encoders' weights and encode working set are
+    added (:func:`lumos_mcore.perf.encoder_memory.estimate_encoder_memory`)."""
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world_size % model_parallel:
         raise ValueError(
@@ -416,7 +431,7 @@ def estimate_job_memory(
     if bf16 is None:
         precision = model.precision
         bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
-    return estimate_memory(
+    est = estimate_memory(
         model,
         parallel,
         dp=dp,
@@ -427,6 +442,12 @@ def estimate_job_memory(
         ema=train.ema_decay > 0,
         tokens=pack_capacity,
     )
+    if media is None:
+        return est
+    from lumos_mcore.perf.encoder_memory import estimate_media_encoder_memory
+
+    enc = estimate_media_encoder_memory(media, micro_batch_size=micro, patch_size=model.patch_size)
+    return dataclasses.replace(est, encoders=enc.weight_bytes, encode_working=enc.working)
 
 
 def _in_flight(parallel: ParallelConfig, num_microbatches: int) -> int:

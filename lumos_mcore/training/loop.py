@@ -192,21 +192,27 @@ class Trainer:
             pack_capacity=pack,
             bf16=use_bf16(job.model),
             kernels=kernels,
+            media=job.media,
         )
         if dist.get_rank() != 0:  # the first pipeline stage holds the most
             return est
-        extra = " (frozen encoders not included)" if job.media is not None else ""
-        log.info("memory estimate per rank: %s%s", est.summary(), extra)
+        log.info("memory estimate per rank: %s", est.summary())
         if torch.cuda.is_available():
             capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
             if not est.fits(capacity):
+                hint = (
+                    "media.encoders.vae_batch (frames per VAE call) or media.encoders.dtype=bf16"
+                    if est.encode_working > est.activations + est.working
+                    else "model.recompute=full, parallel.cp / parallel.tp with "
+                    "parallel.sequence_parallel=true"
+                )
                 log.warning(
                     "the estimate (%.1f GiB per rank) exceeds 90%% of this GPU's %.1f GiB; "
-                    "consider model.recompute=full, parallel.cp / parallel.tp with "
-                    "parallel.sequence_parallel=true, parallel.use_distributed_optimizer=true "
-                    "or a smaller train.micro_batch_size (python tools/plan_memory.py compares)",
+                    "consider %s, parallel.use_distributed_optimizer=true or a smaller "
+                    "train.micro_batch_size (python tools/plan_memory.py compares)",
                     est.total / 2**30,
                     capacity / 2**30,
+                    hint,
                 )
         return est
 

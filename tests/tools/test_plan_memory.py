@@ -89,3 +89,46 @@ def test_bad_arguments_name_what_to_fix(tool):
         tool.load_job(None, ["model.num_frames=4"])  # frames need variant=i2v
     with pytest.raises(SystemExit):
         tool.main(["--sweep-frames", "4,8"])  # an image model has no frames
+
+
+def test_raw_media_plan_counts_the_frozen_encoders(tool, tmp_path, capsys):
+    """A raw-media recipe: the encoders' weights (from their config.json) and the worst
+    bucket's encode working set enter the plan; media.encoders.* overrides apply; encoders
+    whose directories are not on this machine are left out with a note."""
+    import yaml
+
+    from lumos_mcore.encoders.tiny import save_tiny_encoders
+    from lumos_mcore.perf.encoder_memory import encode_working_bytes, encoder_weight_bytes
+
+    enc = save_tiny_encoders(tmp_path / "enc")
+    recipe = tmp_path / "media.yaml"
+    media = {
+        "path": str(tmp_path / "not_needed"),
+        "buckets": [[64, 64], [64, 128]],
+        "encoders": {"vae": str(enc["vae"]), "dino": str(enc["dino"]), "dino_image_size": 32},
+    }
+    tree = {
+        "media": media,
+        "model": {"name": "Lumos-Micro/2", "latent_size": 8, "cond_channels": 32},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4},
+    }
+    recipe.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "plan.json"
+    assert tool.main(["--config", str(recipe), "--json", str(out)]) == 0
+    assert "| frozen encoders |" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    job = tool.load_job(str(recipe), [])
+    weights = sum(encoder_weight_bytes(job.encoders).values())
+    work = encode_working_bytes(job.encoders, samples=2, frames=1, height=64, width=128)
+    assert result["components_gib"]["frozen encoders"] == pytest.approx(weights / GIB)
+    assert result["components_gib"]["encode working set"] == pytest.approx(work / GIB)
+
+    half = tool.load_job(str(recipe), ["media.encoders.dtype=bf16"])
+    assert sum(encoder_weight_bytes(half.encoders).values()) * 2 == weights
+
+    media["encoders"]["vae"] = str(tmp_path / "elsewhere" / "vae")
+    recipe.write_text(yaml.safe_dump(tree))
+    assert tool.main(["--config", str(recipe)]) == 0
+    text = capsys.readouterr().out
+    assert "frozen encoders not counted: media.encoders.vae=" in text
+    assert "| frozen encoders |" not in text

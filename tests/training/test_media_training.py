@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from tests.dist_utils import run_distributed
@@ -23,6 +25,14 @@ def test_trainer_on_raw_media_tp2(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "data/stall_fraction" in metrics[-1]
     assert metrics[-1]["data/bad_samples"] == 0.0
+    # The logged memory estimate counts the frozen encoders (weights + encode working set).
+    from lumos_mcore.perf.memory import estimate_job_memory
+
+    args = (job.model, job.parallel, job.train, 2)
+    with_encoders = estimate_job_memory(*args, bf16=False, media=job.media)
+    assert with_encoders.encoders > 0 and with_encoders.encode_working > 0
+    assert metrics[-1]["memory/estimate_gib"] == pytest.approx(with_encoders.total / 2**30)
+    assert with_encoders.total > estimate_job_memory(*args, bf16=False).total
 
 
 def _pipeline_equals_one_rank(tmp_path, **parallel) -> None:
