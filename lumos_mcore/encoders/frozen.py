@@ -9,7 +9,10 @@ step the same pack layout.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +25,45 @@ from lumos_mcore.encoders.vae import FrozenVAE
 _PASS_THROUGH = ("index", "resolution", "aspect_ratio", "camera_pose")
 # Per-sample encoder outputs of a pack, broadcast from the replica's encoding rank.
 _PACK_KEYS = ("latent", "cond", "cond_mask")
+
+
+@dataclass(frozen=True)
+class EncoderFacts:
+    """What the trainer must know of the frozen encoders without loading them: the shapes they
+    produce, read from the local config.json files. Ranks that receive their replica's
+    encodings by broadcast keep only these, so the encoder weights sit on one rank per replica.
+    """
+
+    latent_channels: int  # C of the VAE latents: model.in_channels
+    downsample: int  # VAE spatial factor (2 ** (levels - 1))
+    cond_dim: int  # Dc: model.cond_channels
+    cond_tokens: int  # Lc: model.cond_tokens
+
+    @classmethod
+    def read(cls, cfg: EncodersConfig) -> EncoderFacts:
+        cfg.check_complete()
+        vae = _read_json(Path(cfg.vae) / cfg.vae_subfolder / "config.json")  # type: ignore[arg-type]
+        if cfg.cond == "t5":
+            dim, tokens = (
+                int(_read_json(Path(cfg.t5) / "config.json")["d_model"]),
+                cfg.t5_max_length,
+            )  # type: ignore[arg-type]
+        else:
+            dino = _read_json(Path(cfg.dino) / "config.json")  # type: ignore[arg-type]
+            dim = int(dino["hidden_size"])
+            side = cfg.dino_image_size // int(dino["patch_size"])
+            tokens = 1 if cfg.cond == "dino_cls" else side * side
+        return cls(
+            latent_channels=int(vae["latent_channels"]),
+            downsample=2 ** (len(vae["block_out_channels"]) - 1),
+            cond_dim=dim,
+            cond_tokens=tokens,
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def is_pack(batch: dict[str, Any]) -> bool:
@@ -164,17 +206,27 @@ class OnlineEncodingIterator:
 
     ``group``: the ranks that read the same samples (one model replica: TP x PP x CP). Only its
     first rank runs the encoders; the others receive ``latent`` / ``cond`` / ``cond_mask`` by
-    broadcast. That saves the repeated encoder work and guarantees bit-identical inputs on all
-    ranks of a replica, which GPU kernels do not promise when each rank encodes for itself.
+    broadcast (onto ``device``) and need no encoders at all (``encoders=None``). That saves the
+    repeated encoder work and the encoders' memory on those ranks, and guarantees bit-identical
+    inputs on all ranks of a replica, which GPU kernels do not promise when each rank encodes
+    for itself.
 
     Packs (``media.pack``, :func:`is_pack`) are encoded per same-shape group
     (``FrozenEncoders.encode_samples``); the per-sample tensors are broadcast as one flat buffer
     per key and every rank assembles the pack itself (:func:`assemble_pack`).
     """
 
-    def __init__(self, batches: Any, encoders: Any, *, group: Any = None) -> None:
+    def __init__(
+        self,
+        batches: Any,
+        encoders: Any,
+        *,
+        group: Any = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.batches = batches
-        self.encoders = encoders
+        self.encoders = encoders  # None on the ranks that only receive (not the source)
+        self.device = device or getattr(encoders, "device", None) or torch.device("cpu")
         self.group = group
         self.src: int | None = None
         if group is not None:
@@ -203,7 +255,7 @@ class OnlineEncodingIterator:
         first, by object broadcast), so a pack costs one collective per key, not per sample."""
         import torch.distributed as dist
 
-        device = getattr(self.encoders, "device", torch.device("cpu"))
+        device = self.device
         if dist.get_rank() == self.src:
             enc = self.encoders.encode_samples(raw)
             meta: list[Any] = [
@@ -242,7 +294,7 @@ class OnlineEncodingIterator:
         else:
             out, meta = {}, [None]
         dist.broadcast_object_list(meta, src=self.src, group=self.group)
-        device = getattr(self.encoders, "device", torch.device("cpu"))
+        device = self.device
         for k, shape, dtype in meta[0]:
             if k not in out:
                 out[k] = torch.empty(

@@ -5,7 +5,9 @@ next to the DiT. Their weights can dwarf a small DiT's (a T5-XXL encoder is 4.8B
 19 GiB in fp32) and the VAE's full-resolution feature maps at 1024 px reach several GiB per
 image, so a "will it fit" answer that leaves them out is wrong for exactly the jobs that matter.
 
-What is counted, per rank (every rank of a replica loads the encoders; the first one encodes):
+What is counted, for a rank that encodes (only the first rank of each model replica loads and
+runs the encoders, the others receive the encodings; global rank 0, the rank the trainer's
+estimate describes, is always one):
 
 - **weights**: each loaded encoder's parameters and floating buffers in ``media.encoders.dtype``,
   counted exactly by building the architecture from the local directory's config on the

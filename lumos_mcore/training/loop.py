@@ -95,6 +95,13 @@ def _check_encoders_fit_model(encoders, job: JobConfig) -> None:
             )
 
 
+def _encoder_device(job: JobConfig) -> torch.device:
+    """Where the frozen encoders' outputs land (``media.encoders.device``) on every rank."""
+    from lumos_mcore.encoders.common import resolve_device
+
+    return resolve_device(job.media.encoders.device)  # type: ignore[union-attr]
+
+
 def _device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -174,6 +181,7 @@ class Trainer:
             device=_device(),
             encoders=self.encoders,
             encode_group=self.encode_group,
+            encoder_device=_encoder_device(self.job) if self.job.media is not None else None,
         )
 
     def _estimate_memory(self) -> MemoryEstimate:
@@ -311,13 +319,18 @@ class Trainer:
         self.encoders = self.encode_group = None  # raw media: FrozenEncoders, replica group
         if job.media is not None:
             from lumos_mcore.data.media.dataset import MediaDataset
-            from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
+            from lumos_mcore.encoders.frozen import EncoderFacts, FrozenEncoders
 
             # validation.holdout leaves the media layout before bucketing (MediaDataset).
             self.dataset = MediaDataset(job.media, holdout=holdout_size(job))
             self.dataset.check_micro_batch_size(job.train.micro_batch_size)
-            self.encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
-            _check_encoders_fit_model(self.encoders, job)
+            self.encoder_facts = EncoderFacts.read(job.media.encoders)
+            _check_encoders_fit_model(self.encoder_facts, job)
+            # One rank of each model replica encodes (a batch or a pack) and broadcasts; only it
+            # loads the encoders. Global rank 0 is always one, so the grid's VAE decode has them.
+            self.encode_group = _replica_group(self.info.dp_rank)
+            if dist.get_rank() == dist.get_process_group_ranks(self.encode_group)[0]:
+                self.encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
         else:
             self.dataset = FeatureDataset(job.data)
         # validation.holdout: training never sees the held-out tail (the validator reads it).
@@ -335,9 +348,11 @@ class Trainer:
                 consumed_samples=self.step * job.train.global_batch_size,
             )
         if job.media is not None:
-            # One rank of each model replica encodes (a batch or a pack); the others receive it.
-            self.encode_group = _replica_group(self.info.dp_rank)
-            data = OnlineEncodingIterator(data, self.encoders, group=self.encode_group)
+            from lumos_mcore.encoders.frozen import OnlineEncodingIterator
+
+            data = OnlineEncodingIterator(
+                data, self.encoders, group=self.encode_group, device=_encoder_device(job)
+            )
         return StallTimer(data)
 
     def _packed_iterator(self, train_set, source):
@@ -355,7 +370,7 @@ class Trainer:
         media = {}
         if job.media is not None:
             sizes = train_set.pack_sizes(
-                downsample=self.encoders.vae.downsample, patch_size=job.model.patch_size
+                downsample=self.encoder_facts.downsample, patch_size=job.model.patch_size
             )
             media = {"sizes": sizes, "collate": train_set.collate_pack}
         packed = PackedMicroBatchIterator(

@@ -125,7 +125,9 @@ class Validator:
     ``train_dataset``: the whole ``data.path`` dataset (not the training view of
     :func:`holdout_split`), or the job's ``MediaDataset``; with ``validation.holdout`` the
     validator reads its tail. ``encoders`` / ``encode_group``: the trainer's ``FrozenEncoders``
-    and the ranks of one model replica (raw-media holdout: the held-out pixels go through them).
+    and the ranks of one model replica (raw-media holdout: the held-out pixels go through them);
+    ``encoders`` is None on the replica's receiving ranks, ``encoder_device`` is where the
+    broadcast encodings land there.
 
     Raw-media holdout validates **one sample per micro-batch**. The held-out samples keep the
     buckets (aspect ratio / duration) they fall in, so their shapes differ, and a micro-batch
@@ -151,6 +153,7 @@ class Validator:
         vae: Any = None,
         encoders: Any = None,
         encode_group: Any = None,
+        encoder_device: torch.device | None = None,
     ) -> None:
         v = job.validation
         self.job, self.cfg = job, v
@@ -161,13 +164,15 @@ class Validator:
             vae = encoders.vae
         self.vae = vae  # FrozenVAE of a raw-media job (decodes the grid), else None
         self.encoders, self.encode_group = encoders, encode_group
+        self.encoder_device = encoder_device
         self._encoded: dict[int, dict[str, Any]] = {}  # raw-media holdout: index -> batch of 1
         # Raw-media holdout: held-out pixels, encoded here (validation.path holds features).
         self.raw_media = job.media is not None and holdout_size(job) > 0
-        if self.raw_media and encoders is None:
+        if self.raw_media and encoders is None and encode_group is None:
             raise ValueError(
                 f"validation.holdout={v.holdout}: raw-media validation encodes the held-out "
-                "samples with the job's frozen encoders; pass Validator(encoders=...)"
+                "samples with the job's frozen encoders; pass Validator(encoders=...) (or, on a "
+                "rank that receives them, encode_group=...)"
             )
         if v.path is not None:
             pad = job.data.cond_pad_to if job.data is not None else None
@@ -227,7 +232,10 @@ class Validator:
         (the replica's first rank encodes and broadcasts)."""
         from lumos_mcore.encoders.frozen import OnlineEncodingIterator
 
-        return next(OnlineEncodingIterator(iter([raw]), self.encoders, group=self.encode_group))
+        it = OnlineEncodingIterator(
+            iter([raw]), self.encoders, group=self.encode_group, device=self.encoder_device
+        )
+        return next(it)
 
     def _held_out_batch(self, index: int) -> dict[str, Any]:
         """Raw-media held-out sample ``index`` (a bad one replaced), encoded, as a batch of one

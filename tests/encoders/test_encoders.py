@@ -117,3 +117,22 @@ def test_frozen_encoders_build_training_batches(tiny_encoders) -> None:
     )
     assert out["cond"].shape == (2, 120, 32) and out["cond_mask"].sum(1).tolist() == [4, 1]
     assert t5.cond_tokens == 120
+
+
+@pytest.mark.parametrize(("cond", "size"), [("dino_cls", 32), ("dino_patch", 48), ("t5", 32)])
+def test_encoder_facts_from_config_equal_the_loaded_encoders(tiny_encoders, cond, size) -> None:
+    """Receiving ranks check the model's shapes and plan packs from config.json alone."""
+    from lumos_mcore.encoders.frozen import EncoderFacts
+
+    cfg = EncodersConfig(
+        vae=str(tiny_encoders["vae"]),
+        dino=str(tiny_encoders["dino"]),
+        t5=str(tiny_encoders["t5"]),
+        cond=cond,
+        dino_image_size=size,
+        t5_max_length=24,
+    )
+    enc = FrozenEncoders(cfg)
+    loaded = (enc.latent_channels, enc.vae.downsample, enc.cond_dim, enc.cond_tokens)
+    facts = EncoderFacts.read(cfg)
+    assert (facts.latent_channels, facts.downsample, facts.cond_dim, facts.cond_tokens) == loaded

@@ -101,6 +101,7 @@ def _runs(rank: int, world: int, jobs: dict) -> dict:
             "losses": result.losses,
             "packs": trainer.data.micro_batches,
             "held_out": held_out,
+            "loaded_encoders": trainer.encoders is not None,
         }
     return out
 
@@ -181,7 +182,17 @@ def test_tensor_parallel_packs_equal_one_rank(tmp_path):
     """TP=2 on mixed-bucket packs: the replica's first rank encodes and broadcasts each pack
     inside the real trainer; both ranks train the same packs and the losses equal TP=1."""
     _write_media(tmp_path, [(64, 64), (64, 96)], 16)
-    kw = dict(steps=2, buckets=[[64, 64], [64, 96]], pack=True, capacity=48, shards_per_block=2)
+    # Held-out validation with a grid: the receiving rank validates on broadcast encodings and
+    # rank 0 decodes the grid with its VAE.
+    val = ValidationConfig(interval=2, holdout=2, num_samples=2, grid_samples=1, grid_steps=2)
+    kw = dict(
+        steps=2,
+        buckets=[[64, 64], [64, 96]],
+        pack=True,
+        capacity=48,
+        shards_per_block=2,
+        validation=val,
+    )
     (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "tp1", **kw)}, timeout=300)
     ranks = run_distributed(_runs, 2, {"run": _media_job(tmp_path, "tp2", tp=2, **kw)}, timeout=300)
     assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
@@ -207,10 +218,15 @@ def _assert_layout_equals_one_rank(tmp_path, latent_size: int = 8, **parallel) -
     job = _media_job(tmp_path, "two", **kw, **parallel)
     ranks = run_distributed(_runs, 2, {"run": job}, timeout=300)
     assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
+    # Only the replica's first rank holds the encoders; the other trains on the broadcast.
+    assert [r["run"]["loaded_encoders"] for r in ranks] == [True, False]
     got = [r["run"]["losses"] for r in ranks if r["run"]["losses"]]
     assert len(got) == 1 and len(got[0]) == 2
     for a, b in zip(got[0], ref["run"]["losses"]):
         assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
+    one, two = read_metrics(tmp_path / "tp1")[2], read_metrics(tmp_path / "tp2")[2]
+    assert abs(two["val/loss"] - one["val/loss"]) <= 1e-5 * abs(one["val/loss"])
+    assert (tmp_path / "tp2" / "val_samples" / "step_0000002.png").is_file()
 
 
 def test_context_parallel_packs_equal_one_rank(tmp_path):
