@@ -118,3 +118,13 @@ class KeyRecorder:
     @property
     def seen(self) -> list[str]:
         return [k for mb in self.micro_batches for k in mb]
+
+
+def assert_logged_losses_equal(
+    per_rank: list[list[float]], reference: list[float], steps: int, rtol: float = 1e-5
+) -> None:
+    """The one logging rank's per-step losses (other ranks return none) equal ``reference``."""
+    logged = [losses for losses in per_rank if losses]
+    assert len(logged) == 1 and len(logged[0]) == steps, per_rank
+    for a, b in zip(logged[0], reference):
+        assert abs(a - b) <= rtol * abs(b), (logged[0], reference)

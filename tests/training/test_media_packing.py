@@ -27,7 +27,7 @@ from lumos_mcore.config.train import CheckpointConfig, TrainConfig, ValidationCo
 from lumos_mcore.data.media.synthetic import write_synthetic_media
 from lumos_mcore.encoders.tiny import save_tiny_encoders
 from tests.dist_utils import run_distributed
-from tests.training.helpers import KeyRecorder, make_job, read_metrics
+from tests.training.helpers import KeyRecorder, assert_logged_losses_equal, make_job, read_metrics
 
 GB = 8
 
@@ -178,33 +178,11 @@ def test_mixed_bucket_packs_train_with_holdout_and_resume(tmp_path):
         assert split[step]["val/loss"] == metrics[step]["val/loss"]
 
 
-def test_tensor_parallel_packs_equal_one_rank(tmp_path):
-    """TP=2 on mixed-bucket packs: the replica's first rank encodes and broadcasts each pack
-    inside the real trainer; both ranks train the same packs and the losses equal TP=1."""
-    _write_media(tmp_path, [(64, 64), (64, 96)], 16)
-    # Held-out validation with a grid: the receiving rank validates on broadcast encodings and
-    # rank 0 decodes the grid with its VAE.
-    val = ValidationConfig(interval=2, holdout=2, num_samples=2, grid_samples=1, grid_steps=2)
-    kw = dict(
-        steps=2,
-        buckets=[[64, 64], [64, 96]],
-        pack=True,
-        capacity=48,
-        shards_per_block=2,
-        validation=val,
-    )
-    (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "tp1", **kw)}, timeout=300)
-    ranks = run_distributed(_runs, 2, {"run": _media_job(tmp_path, "tp2", tp=2, **kw)}, timeout=300)
-    assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
-    got = [r["run"]["losses"] for r in ranks if r["run"]["losses"]]
-    assert len(got) == 1 and len(got[0]) == 2
-    for a, b in zip(got[0], ref["run"]["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
-
-
-def _assert_layout_equals_one_rank(tmp_path, latent_size: int = 8, **parallel) -> None:
+def _assert_layout_equals_one_rank(
+    tmp_path, latent_size: int = 8, validation: ValidationConfig | None = None, **parallel
+) -> None:
     """Mixed-bucket packs on two ranks laid out as ``parallel`` train the packs of one rank
-    and give its per-step losses."""
+    and give its per-step losses (and, with ``validation``, its held-out loss at step 2)."""
     _write_media(tmp_path, [(64, 64), (64, 96)], 16)
     kw = dict(
         steps=2,
@@ -213,6 +191,7 @@ def _assert_layout_equals_one_rank(tmp_path, latent_size: int = 8, **parallel) -
         capacity=48,
         shards_per_block=2,
         latent_size=latent_size,
+        validation=validation,
     )
     (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "one", **kw)}, timeout=300)
     job = _media_job(tmp_path, "two", **kw, **parallel)
@@ -220,13 +199,20 @@ def _assert_layout_equals_one_rank(tmp_path, latent_size: int = 8, **parallel) -
     assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
     # Only the replica's first rank holds the encoders; the other trains on the broadcast.
     assert [r["run"]["loaded_encoders"] for r in ranks] == [True, False]
-    got = [r["run"]["losses"] for r in ranks if r["run"]["losses"]]
-    assert len(got) == 1 and len(got[0]) == 2
-    for a, b in zip(got[0], ref["run"]["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (got, ref["run"]["losses"])
-    one, two = read_metrics(tmp_path / "tp1")[2], read_metrics(tmp_path / "tp2")[2]
-    assert abs(two["val/loss"] - one["val/loss"]) <= 1e-5 * abs(one["val/loss"])
-    assert (tmp_path / "tp2" / "val_samples" / "step_0000002.png").is_file()
+    assert_logged_losses_equal([r["run"]["losses"] for r in ranks], ref["run"]["losses"], 2)
+    if validation is not None:
+        one, two = read_metrics(tmp_path / "one")[2], read_metrics(tmp_path / "two")[2]
+        assert abs(two["val/loss"] - one["val/loss"]) <= 1e-5 * abs(one["val/loss"])
+
+
+def test_tensor_parallel_packs_equal_one_rank(tmp_path):
+    """TP=2 on mixed-bucket packs: the replica's first rank encodes and broadcasts each pack
+    inside the real trainer; both ranks train the same packs and the losses equal TP=1.
+    Held-out validation with a grid: the receiving rank validates on broadcast encodings and
+    rank 0 decodes the grid with its VAE."""
+    val = ValidationConfig(interval=2, holdout=2, num_samples=2, grid_samples=1, grid_steps=2)
+    _assert_layout_equals_one_rank(tmp_path, validation=val, tp=2)
+    assert (tmp_path / "two" / "val_samples" / "step_0000002.png").is_file()
 
 
 def test_context_parallel_packs_equal_one_rank(tmp_path):

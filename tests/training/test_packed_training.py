@@ -13,7 +13,7 @@ from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, OptimConfig, TrainConfig
 from lumos_mcore.data.synthetic import write_synthetic_feature_shards
 from tests.dist_utils import run_distributed
-from tests.training.helpers import make_job, train_in_process
+from tests.training.helpers import assert_logged_losses_equal, make_job, train_in_process
 
 SHAPES = [(1, 8, 8), (1, 8, 12), (3, 8, 8), (2, 4, 8)]
 
@@ -60,10 +60,7 @@ def _assert_two_ranks_equal_one(tmp_path, capacity: int, **parallel) -> None:
     )
     job = _packed_job(data, tmp_path / "two", steps, capacity, **parallel)
     results = run_distributed(train_in_process, 2, job, timeout=300)
-    losses = [r for r in results if r["losses"]][0]["losses"]
-    assert len(losses) == steps
-    for a, b in zip(losses, ref["losses"]):
-        assert abs(a - b) <= 1e-5 * abs(b), (losses, ref["losses"])
+    assert_logged_losses_equal([r["losses"] for r in results], ref["losses"], steps)
 
 
 def test_packed_training_cp2_equals_cp1(tmp_path):
