@@ -131,6 +131,8 @@ if [ "$RUN_TESTS" = 1 ]; then
   # which attention backends / kernels actually ran (deduplicated, without log prefixes)
   grep -oE "(Running with [A-Za-z]+ backend[^\"]*|attention backend: .*|kernel [a-z0-9_]+: .*)" \
       "$LOG_DIR/gpu_tests.log" | sort | uniq -c | sed 's/^ */backend used (count): /' >> "$SUMMARY" || true
+  # the memory models checked on this GPU (estimate vs torch.cuda.max_memory_allocated)
+  grep -oE "encoder memory: .*" "$LOG_DIR/gpu_tests.log" | sort -u >> "$SUMMARY" || true
   tail -n 1 "$LOG_DIR/gpu_tests.log" >> "$SUMMARY"
   grep -E "^SKIPPED" "$LOG_DIR/gpu_tests.log" | sed 's/^SKIPPED \[[0-9]*\] /test skipped: /' >> "$SKIPS" || true
 fi
