@@ -206,10 +206,10 @@ class OnlineEncodingIterator:
 
     ``group``: the ranks that read the same samples (one model replica: TP x PP x CP). Only its
     first rank runs the encoders; the others receive ``latent`` / ``cond`` / ``cond_mask`` by
-    broadcast (onto ``device``) and need no encoders at all (``encoders=None``). That saves the
-    repeated encoder work and the encoders' memory on those ranks, and guarantees bit-identical
-    inputs on all ranks of a replica, which GPU kernels do not promise when each rank encodes
-    for itself.
+    broadcast (onto ``device``, the training device) and need no encoders at all
+    (``encoders=None``). That saves the repeated encoder work and the encoders' memory on those
+    ranks, and guarantees bit-identical inputs on all ranks of a replica, which GPU kernels do
+    not promise when each rank encodes for itself.
 
     Packs (``media.pack``, :func:`is_pack`) are encoded per same-shape group
     (``FrozenEncoders.encode_samples``); the per-sample tensors are broadcast as one flat buffer
@@ -226,6 +226,8 @@ class OnlineEncodingIterator:
     ) -> None:
         self.batches = batches
         self.encoders = encoders  # None on the ranks that only receive (not the source)
+        # Where the broadcast runs: the training device. NCCL moves CUDA tensors only, so
+        # encodings made on the CPU (media.encoders.device=cpu) go to the GPU first.
         self.device = device or getattr(encoders, "device", None) or torch.device("cpu")
         self.group = group
         self.src: int | None = None
@@ -268,7 +270,7 @@ class OnlineEncodingIterator:
         for k, shapes, dtype in meta[0]:
             numels = [int(torch.Size(s).numel()) for s in shapes]
             if k in enc:
-                flat = torch.cat([t.reshape(-1) for t in enc[k]])  # [sum numel]
+                flat = torch.cat([t.reshape(-1) for t in enc[k]]).to(device)  # [sum numel]
             else:
                 flat = torch.empty(
                     sum(numels), dtype=getattr(torch, dtype.split(".")[-1]), device=device
@@ -296,7 +298,9 @@ class OnlineEncodingIterator:
         dist.broadcast_object_list(meta, src=self.src, group=self.group)
         device = self.device
         for k, shape, dtype in meta[0]:
-            if k not in out:
+            if k in out:
+                out[k] = out[k].to(device)
+            else:
                 out[k] = torch.empty(
                     shape, dtype=getattr(torch, dtype.split(".")[-1]), device=device
                 )

@@ -95,13 +95,6 @@ def _check_encoders_fit_model(encoders, job: JobConfig) -> None:
             )
 
 
-def _encoder_device(job: JobConfig) -> torch.device:
-    """Where the frozen encoders' outputs land (``media.encoders.device``) on every rank."""
-    from lumos_mcore.encoders.common import resolve_device
-
-    return resolve_device(job.media.encoders.device)  # type: ignore[union-attr]
-
-
 def _device() -> torch.device:
     return (
         torch.device("cuda", torch.cuda.current_device())
@@ -181,7 +174,7 @@ class Trainer:
             device=_device(),
             encoders=self.encoders,
             encode_group=self.encode_group,
-            encoder_device=_encoder_device(self.job) if self.job.media is not None else None,
+            encoder_device=_device(),
         )
 
     def _estimate_memory(self) -> MemoryEstimate:
@@ -351,7 +344,7 @@ class Trainer:
             from lumos_mcore.encoders.frozen import OnlineEncodingIterator
 
             data = OnlineEncodingIterator(
-                data, self.encoders, group=self.encode_group, device=_encoder_device(job)
+                data, self.encoders, group=self.encode_group, device=_device()
             )
         return StallTimer(data)
 
