@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lumos_mcore.config.media import EncodersConfig, MediaDataConfig
+from lumos_mcore.encoders.common import resolve_dtype
 
 __all__ = [
     "EncoderMemory",
@@ -53,8 +54,10 @@ __all__ = [
     "vae_encode_peak_bytes",
 ]
 
-_DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+def _itemsize(cfg: EncodersConfig) -> int:
+    """Bytes per element of ``media.encoders.dtype`` (the encoders' own dtype resolution)."""
+    return resolve_dtype(cfg.dtype).itemsize
 
 
 @dataclass(frozen=True)
@@ -96,7 +99,7 @@ def encoder_weight_bytes(cfg: EncodersConfig) -> dict[str, int]:
     from transformers import AutoConfig, AutoModel, T5Config, T5EncoderModel
 
     cfg.check_complete()
-    dtype = _DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype)
     out: dict[str, int] = {}
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(_vae_config(cfg))
@@ -137,7 +140,7 @@ def _cond_peak_bytes(cfg: EncodersConfig, images: int, height: int, width: int) 
 
         c = T5Config.from_pretrained(cfg.t5)
         per_token = 2 * c.d_ff + 4 * c.d_model + c.num_heads * cfg.t5_max_length
-        return images * cfg.t5_max_length * per_token * _DTYPE_BYTES[cfg.dtype]
+        return images * cfg.t5_max_length * per_token * _itemsize(cfg)
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(cfg.dino)
@@ -145,7 +148,7 @@ def _cond_peak_bytes(cfg: EncodersConfig, images: int, height: int, width: int) 
     tokens = (side // c.patch_size) ** 2 + 1 + int(getattr(c, "num_register_tokens", 0) or 0)
     mlp = getattr(c, "intermediate_size", None) or int(c.hidden_size * getattr(c, "mlp_ratio", 4))
     pixels = 3 * images * 3 * height * width * 4  # to fp32, (x + 1) / 2, the resized crop
-    model = images * tokens * (2 * mlp + 4 * c.hidden_size) * _DTYPE_BYTES[cfg.dtype]
+    model = images * tokens * (2 * mlp + 4 * c.hidden_size) * _itemsize(cfg)
     return pixels + model
 
 
@@ -163,7 +166,7 @@ def encode_working_bytes(
     encoder dtype, one ``vae_batch`` chunk, the latents) or the condition phase after it."""
     vae = vae_config if vae_config is not None else _vae_config(cfg)
     down = 2 ** (len(vae["block_out_channels"]) - 1)
-    a = _DTYPE_BYTES[cfg.dtype]
+    a = _itemsize(cfg)
     n = samples * frames
     pixels = n * 3 * height * width * 4  # the decoded micro-batch, fp32 on the device
     vae_in = n * 3 * height * width * a  # its frames in the VAE dtype
