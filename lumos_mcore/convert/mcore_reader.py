@@ -2,8 +2,9 @@
 
 A ``torch_dist`` checkpoint is a PyTorch distributed-checkpoint (DCP) folder: ``.metadata``
 lists every tensor by its *global* sharded key with its full shape and the chunks the saving
-ranks wrote (TP slices, PP stages), ``__<rank>_<i>.distcp`` hold the bytes, ``common.pt`` the
-non-sharded state (``train_state.model_config``). DCP assembles a full tensor from whatever
+ranks wrote (TP slices, PP stages), ``__<rank>_<i>.distcp`` hold the bytes. The non-sharded
+state (``train_state.model_config``) is a ``common.pt`` beside them up to megatron-core 0.18, and
+a ``common_state`` object inside the DCP files from 0.19 on; both are read. DCP assembles a full tensor from whatever
 chunks a key was saved in, so the reader needs neither megatron nor torch.distributed and is
 independent of the TP / PP / CP / DP layout the checkpoint was written at.
 
@@ -36,6 +37,7 @@ _LAYERS = "decoder.layers."
 _PARTIAL = ".partial"
 _SKIP_PREFIXES = ("optimizer.", "rng_state")
 _EMA = "ema."
+_COMMON = "common_state"  # megatron-core >= 0.19: the non-sharded state inside DCP
 
 
 def is_mcore_checkpoint(path: str | os.PathLike) -> bool:
@@ -65,16 +67,40 @@ def resolve_mcore_checkpoint(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: not a megatron checkpoint folder or checkpoint root")
 
 
-def _load_common(folder: Path) -> dict[str, Any]:
+def _load_common(folder: Path, metadata: Any) -> dict[str, Any]:
+    """The checkpoint's non-sharded state, from either of megatron-core's two layouts."""
     path = folder / "common.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no common.pt (not a megatron dist_checkpointing save)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Written by megatron with plain pickle (e.g. numpy scalars in the data-loader state);
-        # megatron loads it the same way. Only open checkpoints you trust.
-        return torch.load(path, map_location="cpu", weights_only=False)
+    if path.is_file():
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # Written by megatron with plain pickle (e.g. numpy scalars in the data-loader
+            # state); megatron loads it the same way. Only open checkpoints you trust.
+            return torch.load(path, map_location="cpu", weights_only=False)
+    from torch.distributed.checkpoint import FileSystemReader, load
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    key = next(
+        (
+            k
+            for k, v in metadata.state_dict_metadata.items()
+            if k.startswith(_COMMON + "/") and isinstance(v, BytesStorageMetadata)
+        ),
+        None,
+    )
+    if key is None:
+        raise FileNotFoundError(
+            f"{folder}: neither common.pt nor a '{_COMMON}' object in .metadata "
+            "(not a megatron dist_checkpointing save)"
+        )
+    holder: dict[str, Any] = {key: io.BytesIO()}
+    load(holder, storage_reader=FileSystemReader(str(folder)), no_dist=True)
+    loaded = holder[key]
+    if isinstance(loaded, io.BytesIO):  # DCP may hand back the raw bytes instead of the object
+        loaded.seek(0)
+        loaded = torch.load(loaded, map_location="cpu", weights_only=False)
+    # megatron saves the common state as a one-element list (a ShardedObject's data)
+    return loaded[0] if isinstance(loaded, (list, tuple)) else loaded
 
 
 class McoreCheckpointReader:
@@ -96,11 +122,11 @@ class McoreCheckpointReader:
                 f"{self.folder}: sharded backend {backend!r}; only 'torch_dist' checkpoints "
                 "(megatron-core's default) can be read"
             )
-        self.common = _load_common(self.folder)
+        md = FileSystemReader(str(self.folder)).read_metadata()
+        self.common = _load_common(self.folder, md)
         train_state = self.common.get("train_state", {})
         self.model_config: dict[str, Any] | None = train_state.get("model_config")
         self.ema = ema
-        md = FileSystemReader(str(self.folder)).read_metadata()
         self._storage = getattr(md, "storage_data", None)
         stored = {
             k: v
