@@ -31,6 +31,13 @@ fixed argument list, and under full activation recompute only the tensor argumen
 checkpoint. The self-attention of a DiT is unmasked (packed sequences use ``packed_seq_params``),
 so the block's ``attention_mask`` slot carries ``c`` — it then reaches every layer, with
 gradients, on the plain and the recomputed paths alike. ``LumosDiT`` is the only caller.
+
+``DiTLayer`` is a megatron ``TransformerLayer`` to megatron's code: from megatron-core 0.19 the
+full-recompute loop passes ``context`` / ``context_mask`` only to ``TransformerLayer`` instances
+(other layers are treated as Mamba layers and lose the condition tokens). It builds its own
+submodules, so ``TransformerLayer.__init__`` (whose submodule builders change between releases)
+is not run; the methods it would have set up for (CUDA graphs, MoE, fused TP inference) are not
+used by the DiT.
 """
 
 from __future__ import annotations
@@ -41,11 +48,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.module import GraphableMegatronModule, MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
-    BaseTransformerLayer,
+    TransformerLayer,
     get_transformer_layer_offset,
 )
 from megatron.core.utils import make_viewless_tensor
@@ -240,7 +247,7 @@ class DiTLayerSubmodules:
     mlp: ModuleSpec | type | None = None
 
 
-class DiTLayer(MegatronModule, BaseTransformerLayer):
+class DiTLayer(TransformerLayer):
     """One Lumos/PixArt DiT block built from megatron-core attention and MLP modules.
 
     ``zero_init_cross_proj`` (spec parameter): zero the cross-attention output projection as the
@@ -259,7 +266,13 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         zero_init_cross_proj: bool = True,
         **kwargs,
     ) -> None:
-        super().__init__(config=config)
+        if config.cuda_graph_impl != "none":
+            raise ValueError(
+                f"cuda_graph_impl={config.cuda_graph_impl!r}: the DiT layer does not support "
+                "megatron's CUDA graphs; leave cuda_graph_impl='none'"
+            )
+        # TransformerLayer's own __init__ builds GPT submodules: skipped (module docstring).
+        GraphableMegatronModule.__init__(self, config=config)
         # Global 1-based index, as megatron's TransformerLayer keeps it (FP8 recipes and
         # checkpoint keys use it); TransformerBlock passes the stage-local number.
         self.layer_number = layer_number + get_transformer_layer_offset(config, vp_stage)
@@ -355,6 +368,10 @@ class DiTLayer(MegatronModule, BaseTransformerLayer):
         # Pipeline sends and activation deallocation need a tensor that is not a view.
         x = make_viewless_tensor(inp=x, requires_grad=x.requires_grad, keep_graph=True)
         return x, context
+
+    # MegatronModule's sharded state dict (the submodules' own keys); TransformerLayer's
+    # remaps GPT layer-norm names that the DiT layer does not have.
+    sharded_state_dict = MegatronModule.sharded_state_dict
 
 
 def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
