@@ -397,6 +397,7 @@ def plan(args, have: dict) -> tuple[list[Row], list[str]]:
         Variant("te", "te", "fp8-delayed"),
     ]
     big = [
+        Variant("local", "sdpa"),
         Variant("local", "flash"),
         Variant("te", "te"),
         Variant("te", "te", "fp8-tensorwise"),
@@ -420,7 +421,16 @@ def plan(args, have: dict) -> tuple[list[Row], list[str]]:
                     continue
                 for rc in recompute_options:
                     rows.append(Row(size, tokens, variant, rc, layers, depth))
+    # the rows that decide the targets first, so that a --budget-s cut drops the others
+    rows.sort(key=lambda r: 0 if is_target_row(r) else 1)
     return rows, skipped
+
+
+def is_target_row(row: Row) -> bool:
+    """Rows the targets are read from: XL at 16K bf16, any 64K row, the 2B configuration."""
+    unfused = not row.variant.fused
+    xl16 = row.size == "XL" and row.tokens == 16384 and row.variant.precision == "bf16"
+    return unfused and (xl16 or row.tokens >= 65536 or row.size == "2B")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +512,7 @@ def report(
         "| model | tokens | spec / attention / precision | recompute | ms / step | spread ms | tokens/s | TFLOP/s | MFU % | HFU % | peak mem GB | est. GB | status |",
         "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (list(SIZES).index(r.size), r.tokens)):
         depth, hidden, heads = SIZES[r.size]
         model = f"{r.size} ({depth}x{hidden}, {heads}x{hidden // heads})"
         status = r.status + (f" ({'; '.join(r.notes)})" if r.notes else "")
@@ -580,6 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-bf16", type=float, default=PEAKS["bf16"])
     parser.add_argument("--peak-fp8", type=float, default=PEAKS["fp8"])
     parser.add_argument("--tests-summary", default=None, help="pytest summary to embed")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="start no new row after this many seconds (0 = no limit); the rows the targets "
+        "are read from run first, cut rows are listed as skipped",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.layers, args.iters, args.warmup = args.layers or 4, 3, 1
@@ -611,6 +628,13 @@ def main(argv: list[str] | None = None) -> int:
     skipped += skipped_rows
     t0 = time.time()
     for i, row in enumerate(rows):
+        if args.budget_s and time.time() - t0 > args.budget_s:
+            row.status = "not run (time budget)"
+            skipped.append(
+                f"{row.size} {row.tokens} tokens {row.variant.label}: not run "
+                f"(--budget-s {args.budget_s:.0f} spent)"
+            )
+            continue
         print(
             f"[benchmark] {i + 1}/{len(rows)} {row.size} {row.tokens} tokens {row.variant.label}",
             flush=True,

@@ -11,6 +11,7 @@
 #
 # Usage: tools/gpu_proof.sh [--quick] [--tests-only | --bench-only] [-- <benchmark args>]
 #   --quick       benchmark 4 layers per configuration, 3 timed steps (a smoke run, ~2 min)
+#   -- --budget-s N   start no benchmark row after N s (the rows the targets need run first)
 # Environment: LUMOS_WHEELS (extra wheel folder), PYTHON (interpreter; default .venv/bin/python
 # if present, else python3), LUMOS_PROOF_DIR (logs; default runs/gpu_proof_<date>).
 # Exit status: 0 when the tests passed and the benchmark ran; skips do not fail the proof.
@@ -50,6 +51,10 @@ echo "[proof] python: $PY"
 echo "[proof] logs:   $LOG_DIR"
 
 # -- 1. offline wheels ------------------------------------------------------------------------
+# First as one resolved install into the interpreter (a cluster venv); if pip cannot resolve the
+# set offline (a dependency the image lacks, a read-only venv), every wheel goes in without its
+# dependencies under $LUMOS_PROOF_SITE, put first on PYTHONPATH; step 2 then names any module
+# still missing. tools/fetch_gpu_wheels.sh fetches the set a CUDA PyTorch image lacks.
 for dir in "$ROOT/wheels" "$ROOT/../wheels" "${LUMOS_WHEELS:-}"; do
   [ -n "$dir" ] && [ -d "$dir" ] || continue
   shopt -s nullglob
@@ -59,16 +64,18 @@ for dir in "$ROOT/wheels" "$ROOT/../wheels" "${LUMOS_WHEELS:-}"; do
   echo "[proof] installing ${#wheels[@]} wheel(s) from $dir (offline)"
   log="$LOG_DIR/pip_$(basename "$dir").log"
   if ! "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$dir" "${wheels[@]}" >"$log" 2>&1; then
-    # pip resolves the set as one transaction: one wheel with a dependency missing offline
-    # would keep every other wheel out, so retry them one at a time.
-    echo "[proof] WARNING: pip could not install the wheels of $dir together (see $log); one by one:"
+    SITE="${LUMOS_PROOF_SITE:-/tmp/lumos_proof_site}"
+    echo "[proof] pip could not install the wheels of $dir as one set (see $log);"
+    echo "[proof] installing each without its dependencies into $SITE"
     for whl in "${wheels[@]}"; do
-      if "$PY" -m pip install --disable-pip-version-check --no-index --find-links "$dir" "$whl" >>"$log" 2>&1; then
+      if "$PY" -m pip install --disable-pip-version-check --no-index --no-deps --no-compile \
+          --upgrade --target "$SITE" "$whl" >>"$log" 2>&1; then
         echo "[proof]   installed  $(basename "$whl")"
       else
-        echo "[proof]   FAILED     $(basename "$whl") (a dependency missing from $dir? see $log)"
+        echo "[proof]   FAILED     $(basename "$whl") (see $log)"
       fi
     done
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   fi
 done
 
@@ -83,6 +90,21 @@ print(f"[proof] torch {torch.__version__}, CUDA {torch.version.cuda}, "
 if not torch.cuda.is_available():
     print("[proof] no CUDA device: every GPU part will be skipped")
     skips.write("everything on GPU: no CUDA device\n")
+# the engine itself: without these nothing below can run
+needed = ["megatron.core", "diffusers", "transformers", "webdataset", "safetensors", "yaml"]
+missing = []
+for module in needed:
+    try:
+        importlib.import_module(module)
+    except Exception as exc:
+        missing.append(f"{module} ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''})")
+if missing:
+    print("[proof] ERROR: the engine's requirements are missing: " + "; ".join(missing))
+    print("[proof]   fetch them where PyPI is reachable: tools/fetch_gpu_wheels.sh "
+          "--python-version " + ".".join(map(str, sys.version_info[:2])) + ", then copy wheels/ here")
+    sys.exit(3)
+import megatron.core
+print(f"[proof] megatron-core {megatron.core.__version__}, Python {sys.version.split()[0]}")
 checks = [  # (modules, any of which will do; pip package; what needs it)
     (["triton"], "triton", "Triton kernels on CUDA, fused-op benchmark rows"),
     (["transformer_engine.pytorch"], "transformer-engine[pytorch]", "TE spec, FP8, TE context parallelism"),
@@ -113,6 +135,7 @@ if torch.cuda.device_count() < 2:
     skips.write(f"2-GPU tests (TE context parallelism, DP=2 DDP / distributed optimizer): "
                 f"{torch.cuda.device_count()} GPU(s) here\n")
 EOF
+[ $? = 3 ] && exit 3
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | sed 's/^/[proof] nvidia-smi: /'
 
 # -- 3. tests -----------------------------------------------------------------------------------
@@ -148,6 +171,8 @@ if [ "$RUN_BENCH" = 1 ]; then
   # ${arr[@]+...}: an empty array is "unbound" under set -u in bash < 4.4
   "$PY" tools/benchmark_gpu.py "${args[@]}" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} 2>&1 | tee "$LOG_DIR/benchmark.log"
   BENCH_RC=${PIPESTATUS[0]}
+  # with LUMOS_PROOF_DIR set elsewhere, the report travels with the logs
+  [ -f "$REPORT" ] && [ "$(dirname "$REPORT")" != "$LOG_DIR" ] && cp "$REPORT" "$LOG_DIR/"
   grep -E "^\[benchmark\] SKIPPED: " "$LOG_DIR/benchmark.log" | sed 's/^\[benchmark\] SKIPPED: /benchmark: /' >> "$SKIPS" || true
 fi
 

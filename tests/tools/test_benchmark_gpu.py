@@ -117,3 +117,28 @@ def test_memory_estimate_column_follows_recompute_kernels_and_fp8(bench):
     assert est(65536) > 80  # ... only with recompute
     # linear in tokens (fused attention keeps no L x L scores)
     assert est(32768) - plain == pytest.approx(2 * (plain - est(8192)), rel=0.01)
+
+
+def test_plan_runs_the_target_rows_first(bench):
+    """A --budget-s cut drops rows from the end: the rows the targets are read from lead."""
+    args = SimpleNamespace(tokens="4096,16384,65536", sizes="XL,2B", layers=0)
+    rows, skipped = bench.plan(args, dict.fromkeys(["te", "flash", "triton", "fp8"]))
+    assert not skipped
+    flags = [bench.is_target_row(r) for r in rows]
+    assert flags == sorted(flags, reverse=True) and any(flags) and not all(flags)
+    leading = {
+        (r.size, r.tokens, r.variant.label, r.recompute) for r in rows if bench.is_target_row(r)
+    }
+    assert ("XL", 16384, "local / sdpa / bf16", False) in leading
+    assert ("XL", 65536, "te / te / bf16", True) in leading
+    assert ("2B", 16384, "te / te / fp8-tensorwise", False) in leading
+    assert all(r.recompute == (r.tokens >= 65536) for r in rows)
+
+    # a CUDA machine without TransformerEngine / flash-attn: SDPA rows only, and the 2B
+    # configuration keeps its bf16 baseline
+    missing = {"te": "missing package", "flash": "missing package", "triton": None}
+    missing["fp8"] = missing["te"]
+    rows, skipped = bench.plan(args, missing)
+    assert {r.variant.attention for r in rows} == {"sdpa"}
+    assert [r.variant.label for r in rows if r.size == "2B"] == ["local / sdpa / bf16"]
+    assert any("te / te / fp8-tensorwise: skipped (missing package)" in s for s in skipped)
