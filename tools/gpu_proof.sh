@@ -9,12 +9,14 @@
 #      summary and the GPU name);
 #   5. prints, last, every part that was skipped and why (missing package, too few GPUs).
 #
-# Usage: tools/gpu_proof.sh [--quick] [--tests-only | --bench-only] [-- <benchmark args>]
+# Usage: tools/gpu_proof.sh [--quick] [--tests-only | --bench-only | --check-only] [-- <benchmark args>]
 #   --quick       benchmark 4 layers per configuration, 3 timed steps (a smoke run, ~2 min)
+#   --check-only  steps 1, 2 and 5: install the wheels and say what would run or be skipped
 #   -- --budget-s N   start no benchmark row after N s (the rows the targets need run first)
 # Environment: LUMOS_WHEELS (extra wheel folder), PYTHON (interpreter; default .venv/bin/python
 # if present, else python3), LUMOS_PROOF_DIR (logs; default runs/gpu_proof_<date>).
-# Exit status: 0 when the tests passed and the benchmark ran; skips do not fail the proof.
+# Exit status: 0 when the tests passed and the benchmark ran; skips do not fail the proof;
+# 3 when the engine's own requirements (torch, megatron-core, diffusers, ...) do not import.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -28,8 +30,9 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1 ;;
     --tests-only) RUN_BENCH=0 ;;
     --bench-only) RUN_TESTS=0 ;;
+    --check-only) RUN_TESTS=0; RUN_BENCH=0 ;;
     --) shift; BENCH_ARGS=("$@"); break ;;
-    *) echo "usage: $0 [--quick] [--tests-only | --bench-only] [-- <benchmark args>]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--tests-only | --bench-only | --check-only] [-- <benchmark args>]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -83,15 +86,8 @@ done
 "$PY" - "$SKIPS" <<'EOF'
 import importlib, sys
 skips = open(sys.argv[1], "a")
-import torch
-print(f"[proof] torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"{torch.cuda.device_count()} GPU(s): "
-      + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
-if not torch.cuda.is_available():
-    print("[proof] no CUDA device: every GPU part will be skipped")
-    skips.write("everything on GPU: no CUDA device\n")
 # the engine itself: without these nothing below can run
-needed = ["megatron.core", "diffusers", "transformers", "webdataset", "safetensors", "yaml"]
+needed = ["torch", "megatron.core", "diffusers", "transformers", "webdataset", "safetensors", "yaml"]
 missing = []
 for module in needed:
     try:
@@ -105,6 +101,13 @@ if missing:
     sys.exit(3)
 import megatron.core
 print(f"[proof] megatron-core {megatron.core.__version__}, Python {sys.version.split()[0]}")
+import torch
+print(f"[proof] torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{torch.cuda.device_count()} GPU(s): "
+      + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+if not torch.cuda.is_available():
+    print("[proof] no CUDA device: every GPU part will be skipped")
+    skips.write("everything on GPU: no CUDA device\n")
 checks = [  # (modules, any of which will do; pip package; what needs it)
     (["triton"], "triton", "Triton kernels on CUDA, fused-op benchmark rows"),
     (["transformer_engine.pytorch"], "transformer-engine[pytorch]", "TE spec, FP8, TE context parallelism"),
