@@ -4,9 +4,10 @@ A ``torch_dist`` checkpoint is a PyTorch distributed-checkpoint (DCP) folder: ``
 lists every tensor by its *global* sharded key with its full shape and the chunks the saving
 ranks wrote (TP slices, PP stages), ``__<rank>_<i>.distcp`` hold the bytes. The non-sharded
 state (``train_state.model_config``) is a ``common.pt`` beside them up to megatron-core 0.18, and
-a ``common_state`` object inside the DCP files from 0.19 on; both are read. DCP assembles a full tensor from whatever
-chunks a key was saved in, so the reader needs neither megatron nor torch.distributed and is
-independent of the TP / PP / CP / DP layout the checkpoint was written at.
+a ``common_state`` object inside the DCP files from 0.19 on; both are read. DCP assembles a full
+tensor from whatever chunks a key was saved in, so the reader needs neither megatron nor
+torch.distributed and is independent of the TP / PP / CP / DP layout the checkpoint was written
+at.
 
 Homogeneous transformer layers are stored stacked (``decoder.layers.<name>`` with a leading
 layer axis); :class:`McoreCheckpointReader` yields them per layer (``decoder.layers.<i>.<name>``).
