@@ -29,6 +29,11 @@ __all__ = [
 
 _TRITON: dict[str, Any] = {}
 _JIT_CACHE: dict[Callable[..., Any], Any] = {}
+# Set by kernels.aot.capture_launches: jit() then hands out launch recorders, so the launchers'
+# exact arguments can be compiled ahead of time for a GPU that is not here.
+_LAUNCH_HOOK: Callable[[Callable[..., Any]], Any] | None = None
+# Streaming multiprocessors to size grids for while capturing (the GPU is not here).
+_SM_COUNT: int | None = None
 
 
 def _modules() -> dict[str, Any]:
@@ -68,7 +73,10 @@ def can_launch(*tensors: torch.Tensor) -> bool:
 
 
 def jit(fn: Callable[..., Any]) -> Any:
-    """``triton.jit(fn)``, built on first use and cached."""
+    """``triton.jit(fn)``, built on first use and cached (a launch recorder while
+    :func:`kernels.aot.capture_launches` is active)."""
+    if _LAUNCH_HOOK is not None:
+        return _LAUNCH_HOOK(fn)
     mods = _modules()
     if not mods:
         raise RuntimeError("triton is not importable; use the PyTorch reference of this op")
@@ -85,6 +93,8 @@ def num_programs_hint(device: torch.device) -> int:
     Four per streaming multiprocessor on CUDA (132 SMs on H100 SXM); a handful under the
     interpreter, where every program is a Python loop.
     """
+    if _SM_COUNT is not None:
+        return 4 * _SM_COUNT
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
