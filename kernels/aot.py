@@ -39,6 +39,7 @@ __all__ = [
     "ARCH_NAMES",
     "CompileResult",
     "Launch",
+    "access_widths",
     "arg_spec",
     "capture_launches",
     "compile_launch",
@@ -288,6 +289,8 @@ class CompileResult:
     stack_bytes: int | None = None
     shared_bytes: int | None = None  # per program, what triton allocates
     cubin_bytes: int | None = None
+    loads: tuple[tuple[int, int], ...] = ()  # (bits per access, instructions) of global loads
+    stores: tuple[tuple[int, int], ...] = ()  # the same for global stores
     error: str | None = None
 
     @property
@@ -323,6 +326,39 @@ def ptxas_version() -> str | None:
 
 
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+_GLOBAL_ACCESS = re.compile(r"\b(LDG|STG)\.E((?:\.[A-Z0-9_]+)*)")
+_WIDTH_SUFFIX = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+
+
+def access_widths(sass: str) -> dict[str, tuple[tuple[int, int], ...]]:
+    """``{"loads": ((bits, count), ...), "stores": ...}``, widest first, from SASS text.
+
+    A memory-bound kernel should move 128 bits per global access; ``LDG.E.U16`` (16 bits)
+    means the compiler could not prove the addresses aligned for vector access.
+    """
+    counts: dict[str, dict[int, int]] = {"LDG": {}, "STG": {}}
+    for op, suffixes in _GLOBAL_ACCESS.findall(sass):
+        bits = 32  # no width suffix: one 32-bit word
+        for suffix in suffixes.split(".")[1:]:
+            bits = _WIDTH_SUFFIX.get(suffix, bits)
+        counts[op][bits] = counts[op].get(bits, 0) + 1
+    return {
+        "loads": tuple(sorted(counts["LDG"].items(), reverse=True)),
+        "stores": tuple(sorted(counts["STG"].items(), reverse=True)),
+    }
+
+
+def _sass(cubin: bytes) -> str | None:
+    tool = _cuda_tool("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
 
 
 def resource_usage(cubin: bytes) -> dict[str, int] | None:
@@ -396,6 +432,8 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
         return CompileResult(launch, arch, error=f"{type(exc).__name__}: {msg[:400]}")
     cubin = compiled.asm["cubin"]
     res = resource_usage(cubin) or {}
+    sass = _sass(cubin)
+    widths = access_widths(sass) if sass else {"loads": (), "stores": ()}
     return CompileResult(
         launch,
         arch,
@@ -404,4 +442,6 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
         stack_bytes=res.get("stack"),
         shared_bytes=int(getattr(compiled.metadata, "shared", 0) or res.get("shared", 0)),
         cubin_bytes=len(cubin),
+        loads=widths["loads"],
+        stores=widths["stores"],
     )

@@ -125,6 +125,11 @@ def collect(
     ]
 
 
+def _widths(counts: tuple[tuple[int, int], ...]) -> str:
+    """``128b x3, 32b x2``: instructions per access width, widest first."""
+    return ", ".join(f"{bits}b x{n}" for bits, n in counts) or "-"
+
+
 def _fmt(v: int | None) -> str:
     return "?" if v is None else str(v)
 
@@ -151,11 +156,13 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         "Registers are per thread; spills are local-memory bytes per thread (0 wanted); shared "
         "memory is per program. The variant is what the compiler specialised on; 'not 16-divisible' "
         "lists the pointers and integers it could not assume 16-divisible (no 16-byte vector "
-        "access through them). One binary serves every width that shares its block size.",
+        "access through them). Global loads / stores count the SASS instructions per access "
+        "width: 128 bits is what a memory-bound kernel wants. One binary serves every model "
+        "width that shares its block size.",
         "",
         "| kernel | variant | not 16-divisible | arch | used by | registers | spills (B) "
-        "| shared (B) | cubin (KiB) | status |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| shared (B) | global loads | global stores | status |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         res = r.result
@@ -163,12 +170,12 @@ def report(rows: list[Row], args: argparse.Namespace) -> str:
         if res.ok and res.spills:
             status = "**spills**"
         unaligned = ", ".join(res.launch.unaligned) or "-"
-        kib = "" if res.cubin_bytes is None else f"{res.cubin_bytes / 1024:.1f}"
         lines.append(
             f"| `{res.launch.kernel}` | {res.launch.label} | {unaligned} | sm_{res.arch} "
             f"| {r.used_by} "
             f"| {_fmt(res.registers)} | {_fmt(res.local_bytes)} "
-            f"| {_fmt(res.shared_bytes)} | {kib} | {status} |"
+            f"| {_fmt(res.shared_bytes)} | {_widths(res.loads)} | {_widths(res.stores)} "
+            f"| {status} |"
         )
     lines += ["", f"**{len(rows)} binaries: {len(rows) - len(failed)} compiled, "
               f"{len(failed)} failed, {len(spilled)} spill.**"]  # fmt: skip
@@ -202,6 +209,8 @@ def to_json(rows: list[Row]) -> list[dict]:
                 "stack_bytes": res.stack_bytes,
                 "shared_bytes": res.shared_bytes,
                 "cubin_bytes": res.cubin_bytes,
+                "loads": [list(c) for c in res.loads],
+                "stores": [list(c) for c in res.stores],
             }
         )
     return out

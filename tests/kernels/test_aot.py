@@ -96,17 +96,36 @@ def test_capture_records_the_launch_instead_of_running_it() -> None:
 
 
 def test_capture_sees_alignment_of_strided_views() -> None:
-    """The q view of a fused QKV with head dim 72: row stride 216 elements (432 bytes) is not
-    16-divisible in elements, which the compiler must be told (no vector access)."""
+    """The q view of a fused QKV with head dim 72 has a row stride of 216 elements, which the
+    compiler cannot assume 16-divisible; the rope launcher passes it in 8-element units with a
+    constexpr head dim, so the alignment is provable. A view off by one element keeps the unit
+    (the strides did not change) but loses the base pointer's 16-byte attribute."""
     qkv = torch.empty(4, 1, 2, 3 * 72, dtype=torch.bfloat16)
     freqs = torch.zeros(4, 36)
     with aot.capture_launches() as launches:
         apply_rope3d_triton(qkv[..., :72], freqs)
         apply_rope3d_triton(qkv[..., 1:73], freqs)  # 2-byte offset: misaligned base
     aligned, shifted = launches
-    assert {"HD", "x_stride_h"} <= set(aligned.unaligned)
+    consts = dict(aligned.constexprs)
+    assert consts["HD"] == 72 and consts["VEC"] == 8 and consts["P"] == 36
+    assert dict(aligned.signature)["xv_stride_h"] == "i32"  # 216 / 8 = 27
     assert "X" in aligned.divisible and "X" in shifted.unaligned
     assert dict(aligned.constexprs)["SIGN"] == 1.0
+
+
+def test_access_widths_read_from_sass() -> None:
+    sass = """
+        /*0090*/  LDG.E.128 R4, desc[UR6][R2.64] ;
+        /*00a0*/  LDG.E.U16.CONSTANT R8, desc[UR6][R6.64] ;
+        /*00b0*/  LDG.E R9, desc[UR6][R6.64+0x4] ;
+        /*00c0*/  STG.E.128 desc[UR6][R10.64], R4 ;
+        /*00d0*/  STG.E.U16 desc[UR6][R12.64], R8 ;
+        /*00e0*/  LDG.E.128 R12, desc[UR6][R2.64+0x10] ;
+    """
+    assert aot.access_widths(sass) == {
+        "loads": ((128, 2), (32, 1), (16, 1)),
+        "stores": ((128, 1), (16, 1)),
+    }
 
 
 def test_grid_limits_of_cuda() -> None:
@@ -211,6 +230,10 @@ def test_every_kernel_compiles_for_hopper_and_blackwell_without_spills(tmp_path:
         assert r["registers"] is not None and 0 < r["registers"] <= 255, r
         assert r["local_bytes"] == 0, r  # no spills
         assert r["cubin_bytes"] > 0
+        # Memory-bound kernels: the activations move in 16-byte accesses (head dim 72 included).
+        assert dict(map(tuple, r["loads"])).get(128, 0) > 0, r
+        assert dict(map(tuple, r["stores"])).get(128, 0) > 0, r
+        assert 16 not in dict(map(tuple, r["loads"])), r  # no 2-byte scalar accesses left
     tp8_rope = [
         r
         for r in rows

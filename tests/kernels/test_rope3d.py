@@ -116,28 +116,43 @@ def test_reference_is_complex_rotation_and_relative():
 
 
 CASES = [
-    ("4d", torch.float32, None),
-    ("3d", torch.float32, None),
-    ("qkv_view", torch.float32, None),
-    ("4d", torch.float32, (24, 24, 16)),  # partial rotation: 8 channels pass through
-    ("4d", torch.bfloat16, None),
+    ("4d", torch.float32, None, 72),
+    ("3d", torch.float32, None, 72),
+    ("qkv_view", torch.float32, None, 72),
+    ("4d", torch.float32, (24, 24, 16), 72),  # partial rotation: 8 channels pass through
+    ("4d", torch.bfloat16, None, 72),
+    ("qkv_view", torch.bfloat16, None, 72),  # strides in 8-element (16-byte) units
+    ("key_view", torch.bfloat16, None, 72),  # starts 72 elements into each fused row
+    ("4d", torch.bfloat16, None, 70),  # 2-element units
+    ("qkv_view", torch.float32, None, 66),  # 2-element units, fp32
+    ("4d", torch.bfloat16, (12, 10, 10), 65),  # odd head dim: 1-element units, 1 passes
 ]
 
 
-@pytest.mark.parametrize("layout,dtype,split", CASES)
-def test_triton_forward_backward_match_float64(device, layout, dtype, split):
+def test_vector_width_is_the_16_byte_unit_that_divides_every_stride():
+    from kernels.rope3d import _vector_width
+
+    qkv = torch.empty(4, 2, 3, 3 * 72, dtype=torch.bfloat16)
+    assert _vector_width(qkv[..., :72]) == 8
+    assert _vector_width(qkv[..., :72].float()) == 4  # contiguous fp32 copy: 16 B = 4
+    assert _vector_width(torch.empty(4, 2, 3, 70, dtype=torch.bfloat16)) == 2
+    assert _vector_width(torch.empty(4, 2, 3, 65, dtype=torch.bfloat16)) == 1
+
+
+@pytest.mark.parametrize("layout,dtype,split,hd", CASES)
+def test_triton_forward_backward_match_float64(device, layout, dtype, split, hd):
     from kernels import apply_rope3d_reference, apply_rope3d_triton, rope3d_freqs, rope3d_positions
 
-    g = torch.Generator().manual_seed(hash((layout, str(dtype), split)) % 2**31)
-    t, h, w, b, nh, hd = 2, 2, 3, 2, 3, 72
+    g = torch.Generator().manual_seed(hash((layout, str(dtype), split, hd)) % 2**31)
+    t, h, w, b, nh = 2, 2, 3, 2, 3
     s = t * h * w
     freqs = rope3d_freqs(rope3d_positions(t, h, w), hd, split=split).to(device)
     if layout == "3d":  # THD: [t, np, hn]
         leaf = torch.randn(s, nh, hd, generator=g).to(device, dtype).requires_grad_()
         x = leaf
-    elif layout == "qkv_view":  # the query of a fused QKV projection: a strided view
+    elif layout in ("qkv_view", "key_view"):  # q or k of a fused QKV projection: strided views
         leaf = torch.randn(s, b, nh, 3 * hd, generator=g).to(device, dtype).requires_grad_()
-        x = leaf[..., :hd]
+        x = leaf[..., :hd] if layout == "qkv_view" else leaf[..., hd : 2 * hd]
     else:
         leaf = torch.randn(s, b, nh, hd, generator=g).to(device, dtype).requires_grad_()
         x = leaf
@@ -147,7 +162,7 @@ def test_triton_forward_backward_match_float64(device, layout, dtype, split):
     (grad,) = torch.autograd.grad(out, [leaf], dout)
 
     leaf64 = leaf.detach().double().requires_grad_()
-    x64 = leaf64[..., :hd] if layout == "qkv_view" else leaf64
+    x64 = {"qkv_view": leaf64[..., :hd], "key_view": leaf64[..., hd : 2 * hd]}.get(layout, leaf64)
     ref = apply_rope3d_reference(x64, freqs.double())
     (ref_grad,) = torch.autograd.grad(ref, [leaf64], dout.double())
     assert rel_err(out, ref) < TOL[dtype]
