@@ -310,6 +310,7 @@ class Trainer:
         job = self.job
         self._packed = None  # the packed iterator, for the step's tokens and FLOPs
         self.encoders = self.encode_group = None  # raw media: FrozenEncoders, replica group
+        self.shard_vae = None  # media.encoders.shard_vae: this rank's FrozenVAE
         if job.media is not None:
             from lumos_mcore.data.media.dataset import MediaDataset
             from lumos_mcore.encoders.frozen import EncoderFacts, FrozenEncoders
@@ -324,6 +325,13 @@ class Trainer:
             self.encode_group = _replica_group(self.info.dp_rank)
             if dist.get_rank() == dist.get_process_group_ranks(self.encode_group)[0]:
                 self.encoders = FrozenEncoders(job.media.encoders, seed=job.train.seed)
+            # media.encoders.shard_vae: every rank of the replica encodes a share of the frames.
+            if job.media.encoders.shard_vae:
+                self.shard_vae = (
+                    self.encoders.vae
+                    if self.encoders is not None
+                    else FrozenEncoders.build_vae(job.media.encoders)
+                )
         else:
             self.dataset = FeatureDataset(job.data)
         # validation.holdout: training never sees the held-out tail (the validator reads it).
@@ -344,7 +352,12 @@ class Trainer:
             from lumos_mcore.encoders.frozen import OnlineEncodingIterator
 
             data = OnlineEncodingIterator(
-                data, self.encoders, group=self.encode_group, device=_device()
+                data,
+                self.encoders,
+                group=self.encode_group,
+                device=_device(),
+                vae=self.shard_vae,
+                seed=job.train.seed,
             )
         return StallTimer(data)
 

@@ -44,6 +44,7 @@ def _media_job(
     shards_per_block: int = 1,
     validation: ValidationConfig | None = None,
     latent_size: int = 8,
+    shard_vae: bool = False,
     **parallel,
 ):
     media = root / "media"
@@ -56,7 +57,9 @@ def _media_job(
         num_workers=1,  # decoding in a prefetch thread, as in a real run
         pack=pack,
         pack_capacity=capacity,
-        encoders=EncodersConfig(vae=str(enc["vae"]), dino=str(enc["dino"]), dino_image_size=32),
+        encoders=EncodersConfig(
+            vae=str(enc["vae"]), dino=str(enc["dino"]), dino_image_size=32, shard_vae=shard_vae
+        ),
     )
     return make_job(
         None,
@@ -102,6 +105,7 @@ def _runs(rank: int, world: int, jobs: dict) -> dict:
             "packs": trainer.data.micro_batches,
             "held_out": held_out,
             "loaded_encoders": trainer.encoders is not None,
+            "loaded_vae": trainer.shard_vae is not None or trainer.encoders is not None,
         }
     return out
 
@@ -179,7 +183,11 @@ def test_mixed_bucket_packs_train_with_holdout_and_resume(tmp_path):
 
 
 def _assert_layout_equals_one_rank(
-    tmp_path, latent_size: int = 8, validation: ValidationConfig | None = None, **parallel
+    tmp_path,
+    latent_size: int = 8,
+    validation: ValidationConfig | None = None,
+    shard_vae: bool = False,
+    **parallel,
 ) -> None:
     """Mixed-bucket packs on two ranks laid out as ``parallel`` train the packs of one rank
     and give its per-step losses (and, with ``validation``, its held-out loss at step 2)."""
@@ -194,11 +202,13 @@ def _assert_layout_equals_one_rank(
         validation=validation,
     )
     (ref,) = run_distributed(_runs, 1, {"run": _media_job(tmp_path, "one", **kw)}, timeout=300)
-    job = _media_job(tmp_path, "two", **kw, **parallel)
+    job = _media_job(tmp_path, "two", **kw, **parallel, shard_vae=shard_vae)
     ranks = run_distributed(_runs, 2, {"run": job}, timeout=300)
     assert ranks[0]["run"]["packs"] == ranks[1]["run"]["packs"] == ref["run"]["packs"]
-    # Only the replica's first rank holds the encoders; the other trains on the broadcast.
+    # Only the replica's first rank holds the encoders; the other trains on the broadcast
+    # (with shard_vae it holds the VAE too and encodes half of each pack's frames).
     assert [r["run"]["loaded_encoders"] for r in ranks] == [True, False]
+    assert [r["run"]["loaded_vae"] for r in ranks] == [True, shard_vae]
     assert_logged_losses_equal([r["run"]["losses"] for r in ranks], ref["run"]["losses"], 2)
     if validation is not None:
         one, two = read_metrics(tmp_path / "one")[2], read_metrics(tmp_path / "two")[2]
@@ -213,6 +223,13 @@ def test_tensor_parallel_packs_equal_one_rank(tmp_path):
     val = ValidationConfig(interval=2, holdout=2, num_samples=2, grid_samples=1, grid_steps=2)
     _assert_layout_equals_one_rank(tmp_path, validation=val, tp=2)
     assert (tmp_path / "two" / "val_samples" / "step_0000002.png").is_file()
+
+
+def test_tensor_parallel_packs_with_shard_vae_equal_one_rank(tmp_path):
+    """media.encoders.shard_vae=true at TP=2: both ranks encode half of each pack group's
+    frames and all-gather; the condition stays on the first rank. The ranks train the same
+    packs as one rank with the same losses (tolerance of the layout comparison)."""
+    _assert_layout_equals_one_rank(tmp_path, tp=2, shard_vae=True)
 
 
 def test_context_parallel_packs_equal_one_rank(tmp_path):
