@@ -332,6 +332,14 @@ class Trainer:
                     if self.encoders is not None
                     else FrozenEncoders.build_vae(job.media.encoders)
                 )
+            replica = dist.get_world_size(self.encode_group)
+            log.info(
+                "online encoding: %s",
+                f"VAE frames split over the {replica} ranks of each replica (shard_vae), the "
+                "condition encoder on its first rank"
+                if self.shard_vae is not None and replica > 1
+                else f"the first of the {replica} rank(s) of each replica encodes and broadcasts",
+            )
         else:
             self.dataset = FeatureDataset(job.data)
         # validation.holdout: training never sees the held-out tail (the validator reads it).
