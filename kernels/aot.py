@@ -350,7 +350,8 @@ def access_widths(sass: str) -> dict[str, tuple[tuple[int, int], ...]]:
     }
 
 
-def _sass(cubin: bytes) -> str | None:
+def _cuobjdump(cubin: bytes, flag: str) -> str | None:
+    """``cuobjdump <flag>`` of a cubin (``-sass``, ``-res-usage``), or None without the tool."""
     tool = _cuda_tool("cuobjdump")
     if tool is None:
         return None
@@ -358,20 +359,13 @@ def _sass(cubin: bytes) -> str | None:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([tool, "-sass", path], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, path], capture_output=True, text=True).stdout
 
 
 def resource_usage(cubin: bytes) -> dict[str, int] | None:
     """``{"registers", "stack", "shared", "local"}`` read from the cubin by ``cuobjdump``."""
-    tool = _cuda_tool("cuobjdump")
-    if tool is None:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
-    m = _RES.search(out.stdout)
+    out = _cuobjdump(cubin, "-res-usage")
+    m = _RES.search(out) if out else None
     if m is None:
         return None
     reg, stack, shared, local = (int(g) for g in m.groups())
@@ -432,7 +426,7 @@ def compile_launch(launch: Launch, arch: int) -> CompileResult:
         return CompileResult(launch, arch, error=f"{type(exc).__name__}: {msg[:400]}")
     cubin = compiled.asm["cubin"]
     res = resource_usage(cubin) or {}
-    sass = _sass(cubin)
+    sass = _cuobjdump(cubin, "-sass")
     widths = access_widths(sass) if sass else {"loads": (), "stores": ()}
     return CompileResult(
         launch,

@@ -37,21 +37,12 @@ import torch
 
 def save_sd_like_vae(out: Path, seed: int = 0) -> Path:
     """A random AutoencoderKL with the SD-VAE's architecture (same cost per frame)."""
-    from diffusers import AutoencoderKL
+    from lumos_mcore.encoders.tiny import save_random_vae
 
-    torch.manual_seed(seed)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-    ).save_pretrained(out)
-    return out
+    return save_random_vae(
+        out, seed=seed, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        norm_num_groups=32, sample_size=512,
+    )  # fmt: skip
 
 
 class _Encoders:

@@ -24,19 +24,39 @@ _WORDS = (
 
 
 def save_tiny_vae(out: str | os.PathLike, *, seed: int = 0, latent_channels: int = 4) -> Path:
+    return save_random_vae(
+        out, seed=seed, latent_channels=latent_channels, block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1, norm_num_groups=4, sample_size=64,
+    )  # fmt: skip
+
+
+def save_random_vae(
+    out: str | os.PathLike,
+    *,
+    block_out_channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_num_groups: int,
+    sample_size: int,
+    seed: int = 0,
+    latent_channels: int = 4,
+) -> Path:
+    """A randomly initialised diffusers ``AutoencoderKL`` saved to ``out``: the tiny test VAE,
+    or the SD-VAE's shape (``(128, 256, 512, 512)``, 2 layers per block, 32 groups) where a
+    benchmark needs its cost per frame."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
+    levels = len(block_out_channels)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
         latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=64,
+        norm_num_groups=norm_num_groups,
+        sample_size=sample_size,
     )
     vae.save_pretrained(out)
     return Path(out)
