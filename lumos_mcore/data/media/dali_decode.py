@@ -11,6 +11,7 @@ culprits; every other sample of the batch still decodes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -55,6 +56,11 @@ class ForkGuard:
                 self._cond.notify_all()
 
     def before_fork(self) -> None:
+        # Collect the parent's garbage first: an unreachable DALI pipeline (a reference cycle,
+        # e.g. one dropped after a failed run while its traceback is alive) would otherwise be
+        # inherited and collected by the child's gc, whose Pipeline.__del__ then hangs or
+        # aborts on DALI threads that do not exist there.
+        gc.collect()
         self._cond.acquire()
         while self._active:
             self._cond.wait()  # releases the lock while waiting; holds it when woken

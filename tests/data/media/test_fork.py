@@ -67,3 +67,34 @@ def test_fork_waits_for_in_flight_decodes() -> None:
     assert child.exitcode == 0  # the child was forked after the decode finished
     with FORK_GUARD.running():  # the guard is usable again in the parent
         pass
+
+
+def _garbage_pipeline() -> None:
+    from lumos_mcore.data.media.dali_decode import _video_pipeline
+
+    pipe = _video_pipeline(2, 1, "cpu", None)
+    pipe.build()
+    cycle = [pipe]
+    cycle.append(cycle)  # unreachable once this returns: only the cyclic gc can free it
+
+
+def test_fork_with_a_garbage_pipeline_in_the_parent() -> None:
+    """Regression (a CI hang): a built pipeline left in a reference cycle in the parent was
+    inherited by the forked child, whose gc ran Pipeline.__del__ on DALI threads that do not
+    exist there (abort or hang). The before-fork hook collects the parent's garbage first."""
+    pytest.importorskip("nvidia.dali")
+    was_enabled = gc.isenabled()
+    gc.disable()  # keep the parent's automatic gc from freeing the pipeline before the fork
+    try:
+        with ThreadPoolExecutor(1) as pool:  # built in a thread, as the prefetch threads do
+            pool.submit(_garbage_pipeline).result()
+        child = FORK.Process(target=_collect_and_exit)
+        child.start()
+        child.join(timeout=60)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        assert not hung and child.exitcode == 0, f"child exit code {child.exitcode}"
+    finally:
+        if was_enabled:
+            gc.enable()
