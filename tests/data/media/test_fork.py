@@ -21,6 +21,17 @@ def _collect_and_exit() -> None:
     gc.collect()  # would run Pipeline.__del__ on any pipeline the child dropped
 
 
+def _assert_forked_child_exits() -> None:
+    """Fork a child that runs the gc and exits; it must be gone, cleanly, within 60 s."""
+    child = FORK.Process(target=_collect_and_exit)
+    child.start()
+    child.join(timeout=60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0, f"child hung={hung}, exit code {child.exitcode}"
+
+
 def test_fork_after_decoding_in_a_worker_thread_does_not_hang() -> None:
     """Regression: pipelines kept in threading.local died in the child (fork drops other
     threads' locals) and Pipeline.__del__ waited forever for DALI threads that do not exist."""
@@ -33,13 +44,7 @@ def test_fork_after_decoding_in_a_worker_thread_does_not_hang() -> None:
     dec = MediaDecoder(backend="dali", dali_device="cpu")
     with ThreadPoolExecutor(1) as pool:  # the prefetch thread builds and owns the pipeline
         assert pool.submit(dec.decode, [req]).result()[0].shape == (3, 4, 32, 32)
-        child = FORK.Process(target=_collect_and_exit)
-        child.start()
-        child.join(timeout=60)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-        assert not hung and child.exitcode == 0
+        _assert_forked_child_exits()
         assert pool.submit(dec.decode, [req]).result()[0].shape == (3, 4, 32, 32)
 
 
@@ -88,13 +93,7 @@ def test_fork_with_a_garbage_pipeline_in_the_parent() -> None:
     try:
         with ThreadPoolExecutor(1) as pool:  # built in a thread, as the prefetch threads do
             pool.submit(_garbage_pipeline).result()
-        child = FORK.Process(target=_collect_and_exit)
-        child.start()
-        child.join(timeout=60)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-        assert not hung and child.exitcode == 0, f"child exit code {child.exitcode}"
+        _assert_forked_child_exits()
     finally:
         if was_enabled:
             gc.enable()
