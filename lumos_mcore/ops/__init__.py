@@ -8,6 +8,7 @@ applies, SDPA otherwise (:mod:`lumos_mcore.ops.flash_attention`).
 """
 
 from lumos_mcore.ops.dispatch import (
+    MARGIN,
     OPS,
     KernelChoice,
     apply_rope3d,
@@ -20,6 +21,7 @@ from lumos_mcore.ops.dispatch import (
 )
 
 __all__ = [
+    "MARGIN",
     "OPS",
     "FlashAttnCoreAttention",
     "KernelChoice",

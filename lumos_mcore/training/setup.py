@@ -178,6 +178,7 @@ def select_kernels(
         "num_heads": model_cfg.num_heads_ // parallel_cfg.tp,
         "head_dim": model_cfg.hidden_size_ // model_cfg.num_heads_,
         "dtype": torch.bfloat16 if use_bf16(model_cfg) else torch.float32,
+        "norm": model_cfg.norm,
     }
     # The norm / residual ops see the sequence-parallel shard; RoPE rotates q and k after the
     # QKV projection has gathered it (this rank's context-parallel tokens, its TP heads).

@@ -101,8 +101,69 @@ def test_autoselect_single_process_picks_the_faster():
     assert set(choices) == set(ops.OPS)
     for op, c in choices.items():
         assert c.op == op and c.triton_ms > 0 and c.torch_ms > 0
-        assert c.backend == ("triton" if c.triton_ms < c.torch_ms else "torch")
+        assert c.backend == ("triton" if c.triton_ms < ops.MARGIN * c.torch_ms else "torch")
     assert ops.kernel_choices() == choices
+
+
+def test_decision_needs_the_margin_and_names_it():
+    from lumos_mcore.ops import dispatch
+
+    assert dispatch._decide("rope3d", 0.9, 1.0, "t").backend == "triton"
+    tie = dispatch._decide("rope3d", 0.99, 1.0, "t")  # within timing noise: keep the reference
+    assert tie.backend == "torch" and "within 3%" in tie.reason
+
+
+def test_timing_queues_the_calls_of_a_block_and_reports_one_call():
+    from lumos_mcore.ops import dispatch
+
+    calls = []
+    ms = dispatch._time_ms(lambda: calls.append(1), torch.device("cpu"), warmup=2, reps=5)
+    assert len(calls) == 2 + 3 * 5  # warm-up, then 3 blocks of 5 back-to-back calls
+    assert 0 < ms < 1.0  # per call, not per block
+
+
+def test_measurement_is_forward_and_backward_even_from_a_no_grad_forward():
+    """The first call may come from full recompute's no-grad forward: the timed closure still
+    differentiates the op's activation arguments (not RoPE's angles)."""
+    from lumos_mcore.ops import dispatch
+
+    seen = []
+
+    def impl(x, freqs):
+        seen.append((torch.is_grad_enabled(), x.requires_grad, freqs.requires_grad))
+        out = x * freqs.sum()
+        out.register_hook(lambda g: seen.append("backward"))
+        return out
+
+    x, freqs = torch.randn(3, 2), torch.randn(4)
+    with torch.no_grad():
+        dispatch._fwd_bwd(impl, (x, freqs), {}, dispatch._GRAD_ARGS["rope3d"])()
+    assert seen == [(True, True, False), "backward"]
+
+
+def test_a_failing_kernel_times_infinite_and_keeps_the_reference(caplog):
+    from kernels import norm_modulate_reference
+    from lumos_mcore.ops import dispatch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    args = inputs(torch.Generator().manual_seed(3))
+    kw = {"eps": 1e-6, "norm": "layernorm"}
+    with caplog.at_level(logging.WARNING, logger="lumos_mcore.ops.dispatch"):
+        t_triton, t_torch = dispatch._measure(
+            "norm_modulate", broken, norm_modulate_reference, args, kw
+        )
+    assert t_triton == float("inf") and 0 < t_torch < float("inf")
+    assert "out of resources" in caplog.text
+    assert dispatch._decide("norm_modulate", t_triton, t_torch, "t").backend == "torch"
+
+
+def test_autoselect_refuses_an_unknown_norm():
+    from lumos_mcore import ops
+
+    with pytest.raises(ValueError, match="norm='batchnorm'"):
+        ops.autoselect(seq_len=4, batch=1, hidden_size=8, num_heads=2, norm="batchnorm")
 
 
 FAKE_TIMES = {  # (triton ms, torch ms) per rank: the group average decides
