@@ -93,4 +93,4 @@ class FrozenDINO:
         ).last_hidden_state.float()  # [B, 1 + R + N, D], after the final layer norm
         if tokens == "cls":
             return F.normalize(hidden[:, :1], dim=-1)  # [B, 1, D]
-        return hidden[:, 1 + self.num_registers :]  # [B, N, D]
+        return hidden[:, 1 + self.num_registers :].contiguous()  # [B, N, D]

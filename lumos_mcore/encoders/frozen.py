@@ -343,6 +343,10 @@ class OnlineEncodingIterator:
     def _broadcast_tensor(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
+        # A strided view (e.g. DINO's patch tokens sliced after the CLS / register tokens) must
+        # not go on the wire: NCCL refuses it, gloo sends its storage order and the receivers
+        # get scrambled values.
+        t = t.contiguous()
         if t.dtype == torch.bool:  # not every backend broadcasts bool
             wire = t.to(torch.uint8)
             dist.broadcast(wire, src=self.src, group=self.group)

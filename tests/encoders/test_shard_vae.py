@@ -22,12 +22,13 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return save_tiny_encoders(tmp_path_factory.mktemp("enc"))
 
 
-def _config(tiny: dict[str, Path], sampling: str):
+def _config(tiny: dict[str, Path], sampling: str, cond: str = "dino_cls"):
     from lumos_mcore.config.media import EncodersConfig
 
     return EncodersConfig(
         vae=str(tiny["vae"]),
         dino=str(tiny["dino"]),
+        cond=cond,
         dino_image_size=32,
         vae_sampling=sampling,
         vae_batch=2,
@@ -57,13 +58,20 @@ def _raws() -> list[dict]:
     ]
 
 
-def _encode(rank: int, world_size: int, tiny: dict[str, Path], sampling: str, shard: bool):
+def _encode(
+    rank: int,
+    world_size: int,
+    tiny: dict[str, Path],
+    sampling: str,
+    shard: bool,
+    cond: str = "dino_cls",
+):
     import torch.distributed as dist
 
     from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
 
     dist.init_process_group("gloo")
-    cfg = _config(tiny, sampling)
+    cfg = _config(tiny, sampling, cond)
     encoders = FrozenEncoders(cfg, seed=11) if rank == 0 else None
     vae = None
     if shard:
@@ -89,10 +97,10 @@ def _encode(rank: int, world_size: int, tiny: dict[str, Path], sampling: str, sh
     }
 
 
-def _single_process(tiny: dict[str, Path], sampling: str) -> dict:
+def _single_process(tiny: dict[str, Path], sampling: str, cond: str = "dino_cls") -> dict:
     from lumos_mcore.encoders.frozen import FrozenEncoders, OnlineEncodingIterator
 
-    enc = FrozenEncoders(_config(tiny, sampling), seed=11)
+    enc = FrozenEncoders(_config(tiny, sampling, cond), seed=11)
     it = OnlineEncodingIterator(iter(_raws()), enc)
     outs = [next(it) for _ in range(3)]
     return {
@@ -148,6 +156,19 @@ def test_without_shard_vae_only_the_first_rank_encodes(tiny) -> None:
     assert r0["frames"] == r1["frames"] == []  # no VAE given: the FrozenEncoders path
     for got, want in zip(r1["dense"], ref["dense"]):
         _close(got["latent"], want["latent"], exact=True)
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_dino_patch_tokens_reach_every_rank_intact(tiny, shard) -> None:
+    """DINO's patch tokens are a strided slice (after the CLS token) of its hidden states; the
+    replica's broadcast must send their values, not their storage order (batches of 2)."""
+    r0, r1 = run_distributed(_encode, 2, tiny, "mode", shard, "dino_patch", timeout=300)
+    ref = _single_process(tiny, "mode", "dino_patch")
+    for rank in (r0, r1):
+        for got, want in zip(rank["dense"], ref["dense"]):
+            assert got["cond"].shape[1] > 1  # patch tokens, not the CLS token
+            _close(got["cond"], want["cond"], exact=True)
+        _close(rank["pack"]["cond"], ref["pack"]["cond"], exact=True)
 
 
 def test_sampling_noise_does_not_depend_on_the_split(tiny) -> None:
