@@ -40,11 +40,12 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import Tensor, nn
 
 from lumos_mcore.models.dit.layout import SequenceLayout
 
-__all__ = ["PATTERNS", "SDPACoreAttention", "layout_attention"]
+__all__ = ["PATTERNS", "SDPACoreAttention", "core_attention_sharded_state_dict", "layout_attention"]
 
 PATTERNS = ("full", "spatial", "temporal")
 
@@ -63,6 +64,23 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def core_attention_sharded_state_dict(
+    module: nn.Module, prefix: str = "", sharded_offsets: tuple = ()
+) -> dict:
+    """Sharded state of a DiT core attention: its whole ``state_dict`` (the per-head ``gate``,
+    TransformerEngine's ``_extra_state`` and learnable ``softmax_offset``), with the per-head
+    tensors split over tensor-parallel ranks along dim 0 like the heads.
+
+    megatron's default would mark ``gate`` replicated, so a checkpoint kept TP rank 0's heads
+    only and gave them to every rank on load; megatron's TE core attention saves only
+    ``softmax_offset``, dropping ``gate`` and the ``_extra_state`` a strict load expects.
+    """
+    state = module.state_dict(prefix="", keep_vars=True)
+    return make_sharded_tensors_for_checkpoint(
+        state, prefix, {"gate": 0, "softmax_offset": 0}, sharded_offsets
+    )
 
 
 def _pad_to_frames(q: Tensor, rel: int, hw: int) -> tuple[Tensor, int, int, int]:
@@ -291,6 +309,12 @@ class SDPACoreAttention(MegatronModule):
             heads = config.num_attention_heads // tp
             self.gate = nn.Parameter(torch.zeros(heads, dtype=config.params_dtype))
             set_tensor_model_parallel_attributes(self.gate, True, 0, 1)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """The gate split over TP ranks (see :func:`core_attention_sharded_state_dict`)."""
+        return core_attention_sharded_state_dict(self, prefix, sharded_offsets)
 
     def forward(
         self,

@@ -38,7 +38,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor, nn
 
-from lumos_mcore.models.dit.attention import PATTERNS
+from lumos_mcore.models.dit.attention import PATTERNS, core_attention_sharded_state_dict
 from lumos_mcore.models.dit.layout import SequenceLayout
 
 __all__ = ["TEVideoDotProductAttention"]
@@ -88,6 +88,13 @@ class TEVideoDotProductAttention(TEDotProductAttention):
             heads = config.num_attention_heads // config.tensor_model_parallel_size
             self.gate = nn.Parameter(torch.zeros(heads, dtype=config.params_dtype))
             set_tensor_model_parallel_attributes(self.gate, True, 0, 1)
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """The gate split over TP ranks, plus TE's ``_extra_state`` (megatron's TE core
+        attention saves only ``softmax_offset``; see :func:`core_attention_sharded_state_dict`)."""
+        return core_attention_sharded_state_dict(self, prefix, sharded_offsets)
 
     def forward(
         self,
