@@ -8,7 +8,7 @@ from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.diffusion import DiffusionConfig
 from lumos_mcore.config.media import MediaDataConfig
 from lumos_mcore.config.model import ModelConfig
-from lumos_mcore.config.parallel import ParallelConfig
+from lumos_mcore.config.parallel import ParallelConfig, check_te_packed_cp
 from lumos_mcore.config.train import (
     CheckpointConfig,
     OptimConfig,
@@ -47,6 +47,9 @@ class JobConfig:
                     f"{section}.pack=true (one pack per micro-batch; train.global_batch_size "
                     "counts samples)"
                 )
+        packs = any(section is not None and section.pack for section in (self.data, self.media))
+        if packs and self.parallel.cp > 1 and self.model.spec == "te":
+            check_te_packed_cp(self.parallel.cp_comm_type, self.model.cp_layout)
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but "

@@ -9,9 +9,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CP_COMM_TYPES", "ParallelConfig"]
+__all__ = ["CP_COMM_TYPES", "ParallelConfig", "check_te_packed_cp"]
 
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "all_gather", "a2a")
+
+
+def check_te_packed_cp(cp_comm_type: str, cp_layout: str) -> None:
+    """Refuse what TransformerEngine's context parallelism cannot do with packs (THD).
+
+    Only TE's ``p2p`` ring takes THD: its all-gather path asserts ``qkv_format != 'thd'`` and its
+    a2a path refuses the padding mask megatron sets for THD. The ring also expects every sequence
+    split zig-zag (chunks ``r`` and ``2cp-1-r``): a contiguous split gives wrong attention with
+    no error. ``cp_layout='auto'`` is zig-zag on the TE spec.
+    """
+    if cp_comm_type != "p2p":
+        raise ValueError(
+            f"parallel.cp_comm_type={cp_comm_type!r}: packed sequences under TransformerEngine "
+            "context parallelism need parallel.cp_comm_type=p2p"
+        )
+    if cp_layout not in ("auto", "zigzag"):
+        raise ValueError(
+            f"model.cp_layout={cp_layout!r}: packed sequences under TransformerEngine context "
+            "parallelism need the zig-zag split; set model.cp_layout=auto or zigzag"
+        )
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -38,6 +38,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor, nn
 
+from lumos_mcore.config.parallel import check_te_packed_cp
 from lumos_mcore.models.dit.attention import PATTERNS, core_attention_sharded_state_dict
 from lumos_mcore.models.dit.layout import SequenceLayout
 
@@ -134,11 +135,8 @@ class TEVideoDotProductAttention(TEDotProductAttention):
     def _full(self, q: Tensor, k: Tensor, v: Tensor, layout: SequenceLayout) -> Tensor:
         if not layout.packed:
             return super().forward(q, k, v, None, AttnMaskType.no_mask)  # [s, b, np*hn]
-        if self.uses_cp and self.dit_cp_comm_type == "a2a+p2p":
-            raise NotImplementedError(
-                "packed sequences (THD) under TransformerEngine context parallelism: TE's "
-                "hierarchical a2a+p2p has no THD support; use parallel.cp_comm_type='p2p'"
-            )
+        if self.uses_cp:
+            check_te_packed_cp(self.dit_cp_comm_type, layout.cp_mode)
         psp = layout.te_packed_seq_params()
         out = super().forward(
             q.squeeze(1),

@@ -1,0 +1,45 @@
+"""Cross-section checks of JobConfig that refuse a job before any rank starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from lumos_mcore.config.data import DataConfig
+from lumos_mcore.config.job import JobConfig
+from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.config.parallel import ParallelConfig
+from lumos_mcore.config.train import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def shards(tmp_path, monkeypatch):
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "index.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+
+
+def _packed_job(spec: str, cp_layout: str = "auto", cp_comm_type: str = "p2p") -> JobConfig:
+    return JobConfig(
+        data=DataConfig(path="shards", pack=True, pack_capacity=4096),
+        model=ModelConfig(name="Lumos-Tiny/2", spec=spec, cp_layout=cp_layout),
+        parallel=ParallelConfig(cp=2, cp_comm_type=cp_comm_type),
+        train=TrainConfig(micro_batch_size=1),
+    )
+
+
+@pytest.mark.parametrize("comm", ["all_gather", "a2a"])
+def test_te_packs_under_cp_need_the_p2p_ring(comm):
+    with pytest.raises(ValueError, match=f"parallel.cp_comm_type='{comm}'.*p2p"):
+        _packed_job("te", cp_comm_type=comm)
+
+
+def test_te_packs_under_cp_need_the_zigzag_split():
+    with pytest.raises(ValueError, match="model.cp_layout='contiguous'.*zig-zag"):
+        _packed_job("te", cp_layout="contiguous")
+
+
+def test_allowed_pack_layouts():
+    _packed_job("te", cp_layout="zigzag")
+    _packed_job("te")  # auto is zig-zag on the TE spec
+    # The local spec's all-gather CP has neither limit.
+    _packed_job("local", cp_layout="contiguous", cp_comm_type="all_gather")
