@@ -26,10 +26,25 @@ import contextlib
 
 import torch
 
-__all__ = ["RECIPES", "fp8_config_overrides", "without_fp8"]
+__all__ = ["RECIPES", "fp8_config_overrides", "refresh_fp8_weight_cache", "without_fp8"]
 
 RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 FORMATS = ("hybrid", "e4m3")
+
+
+def refresh_fp8_weight_cache(modules: list[torch.nn.Module]) -> None:
+    """Make the next forward of these models re-cast their weights to FP8.
+
+    megatron's TE linears pass ``is_first_microbatch`` to TE and clear it after each forward;
+    TE then reuses the FP8 copies of the weights it cached on the first micro-batch. megatron's
+    schedules set the flag again on each step's first micro-batch, but a forward outside them
+    (the validation grid's sampler, EMA weights swapped in or out) would otherwise run on the
+    FP8 weights of an earlier step. A no-op for models without FP8.
+    """
+    for module in modules:
+        refresh = getattr(module, "set_is_first_microbatch", None)
+        if refresh is not None:
+            refresh()
 
 
 def fp8_config_overrides(

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lumos_mcore.ops.te_fp8 import refresh_fp8_weight_cache
 from lumos_mcore.training.setup import unwrap
 
 
@@ -69,6 +70,7 @@ class EMA:
             for shadow, chunk in zip(self.shadow, model_chunks):
                 for name, p in unwrap(chunk).named_parameters():
                     p.copy_(shadow[name])
+        refresh_fp8_weight_cache([unwrap(c) for c in model_chunks])  # FP8: cast the EMA weights
         try:
             yield
         finally:
@@ -76,3 +78,4 @@ class EMA:
                 for saved, chunk in zip(backup, model_chunks):
                     for name, p in unwrap(chunk).named_parameters():
                         p.copy_(saved[name])
+            refresh_fp8_weight_cache([unwrap(c) for c in model_chunks])

@@ -51,6 +51,7 @@ from lumos_mcore.config.job import JobConfig
 from lumos_mcore.data.features import FeatureDataset
 from lumos_mcore.data.sampler import SampleRange, split_tail
 from lumos_mcore.diffusion.objective import build_objective
+from lumos_mcore.ops.te_fp8 import refresh_fp8_weight_cache
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.setup import unwrap
 from lumos_mcore.training.step import DiffusionForwardStep
@@ -371,6 +372,8 @@ class Validator:
         elif info.variant == "nvs":
             conds.input_latent = batch["input_latent"].float()
             conds.camera = batch["camera"].float()
+
+        refresh_fp8_weight_cache([core])  # FP8: sample with this step's weights
 
         def call(x: Tensor, t: Tensor, cond: Tensor, mask: Tensor | None, **extras) -> Tensor:
             return core(latents=x, timesteps=t, cond=cond, cond_mask=mask, **extras).float()

@@ -35,9 +35,10 @@ def _cp_rank(rank, world, comm_types):
     from lumos_mcore.parallel.state import initialize_parallel
     from tests.gpu.helpers import build_dit, randomize_, rel_err, tiny_batch
 
+    # The parallel state sets this rank's CUDA device: build the inputs after it.
+    initialize_parallel(ParallelConfig(), num_attention_heads=4, num_layers=3)
     batch = tiny_batch(KW)
     grad_out = torch.randn(2, 8, 16, 16, generator=torch.Generator().manual_seed(9)).cuda()
-    initialize_parallel(ParallelConfig(), num_attention_heads=4, num_layers=3)
     ref_model, _ = build_dit(KW, "te")
     randomize_(ref_model)
     out_ref, g_ref = _run(ref_model, batch, grad_out)

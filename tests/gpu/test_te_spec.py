@@ -138,6 +138,9 @@ def test_fp8_train_step(recipe):
     losses = []
     for _ in range(6):
         opt.zero_grad(set_to_none=True)
+        # TE reuses cached FP8 weights until told otherwise (megatron's schedules do this on
+        # each step's first micro-batch); without it the FP8 GEMMs would train stale weights.
+        model.set_is_first_microbatch()
         out = model(batch["latents"], batch["timesteps"], batch["cond"])
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
