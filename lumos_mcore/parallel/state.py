@@ -21,10 +21,12 @@ from lumos_mcore.parallel.cpu_backend import apply_cpu_backend
 
 __all__ = [
     "ParallelInfo",
+    "cuda_device_index",
     "destroy_parallel",
     "find_free_port",
     "init_distributed",
     "initialize_parallel",
+    "local_rank_from_env",
 ]
 
 
@@ -40,6 +42,28 @@ def _cpu_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def local_rank_from_env(rank: int) -> int:
+    """This process's rank on its node: torchrun's ``LOCAL_RANK``, else SLURM's ``SLURM_LOCALID``
+    or Open MPI's ``OMPI_COMM_WORLD_LOCAL_RANK`` (``srun`` / ``mpirun`` without torchrun), else
+    the global rank (one node)."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        if os.environ.get(var, "").strip():
+            return int(os.environ[var])
+    return rank
+
+
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of this process: ``local_rank`` among the visible devices.
+
+    A launcher that gives each process only its own GPU (``srun --gpus-per-task=1``, or a
+    per-rank ``CUDA_VISIBLE_DEVICES``) leaves fewer visible devices than local ranks; the
+    rank's device is then ``local_rank % device_count`` (index 0 with one device each).
+    """
+    if device_count < 1:
+        raise RuntimeError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
+    return local_rank % device_count
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int]:
@@ -63,7 +87,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_rank = local_rank_from_env(rank)
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
@@ -79,7 +103,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         os.environ.setdefault("MASTER_PORT", str(find_free_port()))
 
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(cuda_device_index(local_rank, torch.cuda.device_count()))
     elif not has_cuda:
         torch.set_num_threads(max(1, _cpu_cores() // max(1, local_world_size)))
 

@@ -113,3 +113,31 @@ def test_run_distributed_times_out_and_kills_ranks() -> None:
         run_distributed(_hanging_job, 2, timeout=5)
     assert time.monotonic() - start < 30
     assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+
+
+@pytest.mark.parametrize(
+    "env, want",
+    [
+        ({"LOCAL_RANK": "3", "SLURM_LOCALID": "1"}, 3),  # torchrun's wins
+        ({"SLURM_LOCALID": "1"}, 1),  # srun without torchrun
+        ({"OMPI_COMM_WORLD_LOCAL_RANK": "2"}, 2),  # mpirun
+        ({}, 5),  # nothing: the global rank (one node)
+    ],
+)
+def test_local_rank_from_env(monkeypatch, env, want):
+    from lumos_mcore.parallel.state import local_rank_from_env
+
+    for var in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert local_rank_from_env(5) == want
+
+
+def test_cuda_device_index_with_one_visible_gpu_per_process():
+    from lumos_mcore.parallel.state import cuda_device_index
+
+    assert [cuda_device_index(r, 8) for r in (0, 7)] == [0, 7]
+    assert [cuda_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]  # --gpus-per-task=1
+    with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
+        cuda_device_index(0, 0)
