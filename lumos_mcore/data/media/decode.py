@@ -110,6 +110,21 @@ class MediaDecoder:
             where = f"DALI ({self.device})" if decoder == "dali" else "PyAV/Pillow (CPU)"
             logger.info("decoding %s %s with %s", req.kind, label, where)
 
+    def _note_fallback(self, req: DecodeRequest, err: DecodeError) -> None:
+        """Warn once per kind / codec that DALI failed and PyAV decoded instead: the sample is
+        kept, but a DALI set-up problem (no NVDEC, out of GPU memory) would otherwise move all
+        decoding to the CPU unnoticed, seen only in ``routes``."""
+        key = (f"{req.kind}/{req.codec or '?'}", "fallback")
+        with self._lock:
+            first = key not in self._logged
+            self._logged.add(key)
+        if first:
+            logger.warning(
+                "DALI (%s) failed on %s %s (%s: %s); PyAV/Pillow decoded it instead -- further "
+                "fallbacks are counted in the decoder's routes",
+                self.device, req.kind, req.codec or "?", err.reason, err.detail,
+            )  # fmt: skip
+
     def _pyav(self, req: DecodeRequest) -> torch.Tensor | DecodeError:
         try:
             out = decode_pyav(req, color_matrix=self.color_matrix)
@@ -135,6 +150,7 @@ class MediaDecoder:
                     # is called bad, so a DALI-only limitation never drops data.
                     retry = self._pyav(reqs[i])
                     if not isinstance(retry, DecodeError):
+                        self._note_fallback(reqs[i], out)
                         self._note(reqs[i], "pyav")
                         results[i] = retry
                         continue

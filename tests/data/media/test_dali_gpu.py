@@ -43,10 +43,15 @@ def test_gpu_video_route_matches_cpu_route(codec) -> None:
     dec = MediaDecoder(backend="dali", dali_device="gpu")
     req = _req(data, "video", codec, Bucket(48, 48, 6), (64, 96), start=2, stride=3)
     assert dec.route(req) == "dali"
-    out = dec.decode([req])[0]
-    assert isinstance(out, torch.Tensor) and out.is_cuda and out.shape == (3, 6, 48, 48)
-    diff = (out.cpu() - decode_pyav(req)).abs()
-    assert diff.mean() < 2 * LEVEL, diff.mean() / LEVEL  # NVDEC's own YUV->RGB rounding
+    # Two requests with different crops and start frames: per-sample arguments on "mixed".
+    other = _req(data, "video", codec, Bucket(32, 64, 4), (64, 96), start=5, stride=2)
+    outs = dec.decode([req, other])
+    # DALI decoded both (a DALI failure would have been retried by PyAV and moved to CUDA).
+    assert dec.routes == {("video", codec, "dali"): 2}, dec.routes
+    for r, out, shape in zip((req, other), outs, ((3, 6, 48, 48), (3, 4, 32, 64))):
+        assert isinstance(out, torch.Tensor) and out.is_cuda and out.shape == shape
+        diff = (out.cpu() - decode_pyav(r)).abs()
+        assert diff.mean() < 2 * LEVEL, diff.mean() / LEVEL  # NVDEC's own YUV->RGB rounding
 
 
 def test_gpu_image_route_matches_pillow() -> None:
@@ -57,5 +62,6 @@ def test_gpu_image_route_matches_pillow() -> None:
     dec = MediaDecoder(backend="dali", dali_device="gpu")
     req = _req(data, "image", "jpeg", Bucket(64, 64, 1), (72, 100))
     out = dec.decode([req])[0]
+    assert dec.routes == {("image", "jpeg", "dali"): 1}, dec.routes  # nvJPEG, not a retry
     assert out.is_cuda and out.shape == (3, 64, 64)
     assert (out.cpu() - decode_pyav(req)).abs().mean() < 2 * LEVEL  # nvJPEG IDCT / upsampling

@@ -117,6 +117,27 @@ def test_codec_routing_and_log_once(caplog, clip, vp9) -> None:
     torch.testing.assert_close(outs[1], decode_pyav(reqs[1]), atol=0, rtol=0)
 
 
+def test_dali_failure_falls_back_to_pyav_with_one_warning(monkeypatch, caplog, vp9) -> None:
+    """A sample DALI cannot decode (here: its decoder reports an error) is decoded by PyAV, kept,
+    counted as a PyAV route, and the switch is warned about once."""
+    pytest.importorskip("nvidia.dali")
+    from lumos_mcore.data.media.pyav_decode import DecodeError
+
+    dec = MediaDecoder(backend="dali", dali_device="cpu")
+    monkeypatch.setattr(
+        dec.dali, "decode", lambda reqs: [DecodeError("undecodable", "NVDEC missing")] * len(reqs)
+    )
+    req = _req(vp9, "video", "vp9", Bucket(32, 32, 4))
+    with caplog.at_level(logging.INFO, logger="lumos_mcore.data.media.decode"):
+        outs = [dec.decode([req, req]) for _ in range(2)]
+    for out in outs:
+        for o in out:
+            torch.testing.assert_close(o, decode_pyav(req), atol=0, rtol=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "NVDEC missing" in warnings[0] and "vp9" in warnings[0]
+    assert dec.routes == {("video", "vp9", "pyav"): 4}
+
+
 def test_without_dali_everything_goes_to_pyav(monkeypatch, caplog, vp9) -> None:
     monkeypatch.setattr(decode_mod, "dali_available", lambda: False)
     with caplog.at_level(logging.WARNING, logger="lumos_mcore.data.media.decode"):
