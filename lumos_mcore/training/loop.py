@@ -70,6 +70,15 @@ class _StopFlag:
         return bool(flag.item() > 0)
 
 
+def max_over_ranks(value: float) -> float:
+    """The largest ``value`` of all ranks (one tiny all-reduce): the logging rank is the last
+    pipeline stage, but the first stage holds the most in-flight activations, and the peak the
+    job must fit is the largest rank's -- the one ``memory/estimate_gib`` predicts."""
+    t = torch.tensor([value], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _replica_group(dp_rank: int):
     """Process group of the ranks that read the same samples (TP x PP x CP of one replica)."""
     ranks_dp = [None] * dist.get_world_size()
@@ -559,7 +568,7 @@ class Trainer:
                     "throughput/step_time_ms": dt * 1e3,
                     "throughput/samples_per_s": job.train.global_batch_size / dt,
                     **self.throughput(dt, self.step - 1),
-                    "memory/peak_gib": peak_memory_gib(),
+                    "memory/peak_gib": max_over_ranks(peak_memory_gib()),
                     "memory/estimate_gib": self.memory_estimate.total / 2**30,
                     "data/bad_samples": float(self.dataset.num_bad),
                     **{f"data/bad/{k}": float(v) for k, v in self.dataset.bad_counts.items()},
