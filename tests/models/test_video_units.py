@@ -192,3 +192,26 @@ def test_video_config_validation():
         ModelConfig(variant="i2v", num_frames=2, video_attention="axial")
     with pytest.raises(ValueError, match="model.rope_ntk_factor"):
         ModelConfig(pos_embed="rope", rope_ntk_factor=0.5)
+
+
+def test_te_packed_seq_params_once_per_forward_and_unpadded():
+    """TransformerEngine's THD parameters of a pack: global cu_seqlens for self-attention, the
+    rank's queries per sample against each sample's condition tokens for cross-attention;
+    built once per bound layout (all layers share them), padded cu_seqlens the same tensors."""
+    shapes = [(2, 2, 4), (1, 4, 4), (3, 2, 2)]  # 16, 16, 12 tokens
+    lay = SequenceLayout.for_pack(shapes, [1, 2, 3], cp_size=2, cp_rank=0, cp_mode="zigzag")
+    bound = lay.bind(context_valid=torch.ones(6, dtype=torch.bool))
+    psp = bound.te_packed_seq_params()
+    assert bound.te_packed_seq_params() is psp
+    assert psp.cu_seqlens_q.tolist() == [0, 16, 32, 44] and psp.max_seqlen_q == 16
+    assert psp.cu_seqlens_q_padded is psp.cu_seqlens_q is psp.cu_seqlens_kv
+    assert psp.cu_seqlens_kv_padded is psp.cu_seqlens_kv
+    cross = bound.te_cross_packed_seq_params()
+    assert bound.te_cross_packed_seq_params() is cross
+    assert cross.cu_seqlens_q.tolist() == [0, 8, 16, 22]  # this rank's half of each sample
+    assert cross.cu_seqlens_kv.tolist() == [0, 1, 3, 6] and cross.max_seqlen_kv == 3
+    assert cross.cu_seqlens_q_padded is cross.cu_seqlens_q
+    assert lay.bind().te_packed_seq_params() is not psp  # a new forward builds its own
+    padded = lay.bind(context_valid=torch.tensor([True, True, False, True, True, True]))
+    with pytest.raises(NotImplementedError, match="unpadded condition tokens"):
+        padded.te_cross_packed_seq_params()

@@ -235,6 +235,7 @@ class SequenceLayout:
         for name in _CACHED_TENSORS:
             out.__dict__.pop(name, None)
         out._device = torch.device(device)
+        out._memo = {}
         return out
 
     @property
@@ -367,11 +368,27 @@ class SequenceLayout:
         out.adaln_index = adaln_index
         out.temporal_pos = temporal_pos
         out.context_valid = context_valid
+        out._memo = {}  # per-forward values, built by the first layer that needs them
         return out
+
+    def _memoised(self, key: str, build):
+        # One build per forward, not per layer: building a cu_seqlens tensor copies it to the
+        # GPU, and checking the context padding reads a GPU value back; both stall the host.
+        memo = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = build()
+        return memo[key]
 
     def te_packed_seq_params(self):
         """megatron ``PackedSeqParams`` (THD, global cu_seqlens) for TransformerEngine attention
-        over the samples of a pack; TE splits each sample over CP ranks in the zig-zag layout."""
+        over the samples of a pack; TE splits each sample over CP ranks in the zig-zag layout.
+
+        The padded cu_seqlens are the same tensors (no padding between samples): TE's context
+        parallelism requires them for THD, and takes ``padded is cu_seqlens`` as unpadded.
+        """
+        return self._memoised("te_self", self._build_te_self)
+
+    def _build_te_self(self):
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = torch.tensor(self.offsets, dtype=torch.int32, device=self._device)
@@ -380,8 +397,38 @@ class SequenceLayout:
             qkv_format="thd",
             cu_seqlens_q=cu,
             cu_seqlens_kv=cu,
+            cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu,
             max_seqlen_q=longest,
             max_seqlen_kv=longest,
+        )
+
+    def te_cross_packed_seq_params(self):
+        """``PackedSeqParams`` of a pack's cross-attention: this rank's queries grouped per
+        sample (both CP layouts keep a sample's local tokens together) against each sample's
+        own condition tokens, which must be unpadded."""
+        return self._memoised("te_cross", self._build_te_cross)
+
+    def _build_te_cross(self):
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        if self.context_valid is not None and not bool(self.context_valid.all()):
+            raise NotImplementedError(
+                "packed cross-attention on TransformerEngine takes unpadded condition tokens"
+            )
+        counts = [0] * len(self.segments)
+        for p in self.pieces:
+            counts[p.segment] += p.size
+        cu_q = torch.tensor(_cumsum(counts), dtype=torch.int32, device=self._device)
+        cu_kv = torch.tensor(self.cond_offsets, dtype=torch.int32, device=self._device)
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu_q,
+            cu_seqlens_kv=cu_kv,
+            cu_seqlens_q_padded=cu_q,
+            cu_seqlens_kv_padded=cu_kv,
+            max_seqlen_q=max(counts),
+            max_seqlen_kv=max(s.cond_len for s in self.segments),
         )
 
     def key(self) -> tuple:

@@ -33,7 +33,6 @@ import copy
 
 import torch
 from megatron.core.extensions.transformer_engine import TEDotProductAttention
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor, nn
@@ -191,23 +190,7 @@ class TEVideoDotProductAttention(TEDotProductAttention):
             q_mask = torch.zeros(q.shape[1], 1, 1, q.shape[0], dtype=torch.bool, device=q.device)
             kv_mask = attention_mask.bool().reshape(k.shape[1], 1, 1, k.shape[0])
             return super().forward(q, k, v, (q_mask, kv_mask), AttnMaskType.padding)
-        if layout.context_valid is not None and not bool(layout.context_valid.all()):
-            raise NotImplementedError(
-                "packed cross-attention on TransformerEngine takes unpadded condition tokens"
-            )
-        # Local queries grouped per sample (both layouts keep a sample's tokens together).
-        counts = [0] * len(layout.segments)
-        for p in layout.pieces:
-            counts[p.segment] += p.size
-        cu_q = torch.tensor([0] + counts, device=q.device).cumsum(0).to(torch.int32)
-        cu_kv = torch.tensor(layout.cond_offsets, dtype=torch.int32, device=q.device)
-        psp = PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu_q,
-            cu_seqlens_kv=cu_kv,
-            max_seqlen_q=max(counts),
-            max_seqlen_kv=max(s.cond_len for s in layout.segments),
-        )
+        psp = layout.te_cross_packed_seq_params()
         out = super().forward(
             q.squeeze(1),
             k.squeeze(1),
