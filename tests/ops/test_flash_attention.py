@@ -1,14 +1,19 @@
-"""FlashAttnCoreAttention's layout plumbing (dense, key padding -> varlen, THD packs, GQA).
+"""FlashAttnCoreAttention's layout plumbing (dense, key padding -> varlen, THD packs, GQA), the
+backend choice (head-dim probe, fallback order, LUMOS_FLASH_ATTN), batch chunking, cu_seqlens
+checks and the deterministic flag.
 
 flash-attn needs CUDA, so here the module drives a stand-in backend with flash-attn's calling
 convention (``[b, s, h, d]`` dense, ``[total, h, d]`` + ``cu_seqlens`` varlen, FA3-style tuple
 returns) computed per sequence in float64; results must equal the SDPA core attention of the
-local spec (``SDPACoreAttention``) and a per-sample reference. The real kernels are checked
+local spec (``SDPACoreAttention``) and a per-sample reference. The backend choice runs with the
+GPU's compute capability and the imports replaced by stand-ins. The real kernels are checked
 against SDPA in tests/gpu/test_flash_attn.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -79,8 +84,38 @@ def config():
 
 
 def build(config, monkeypatch, backend, attention_type="self"):
-    monkeypatch.setattr(fa, "flash_attn_backend", lambda: backend)
-    return fa.FlashAttnCoreAttention(config, layer_number=1, attention_type=attention_type)
+    """FlashAttnCoreAttention on ``backend``; it must ask for the backend of its head dim."""
+    asked = []
+
+    def choose(head_dim=None):
+        asked.append(head_dim)
+        return backend
+
+    monkeypatch.setattr(fa, "flash_attn_backend", choose)
+    module = fa.FlashAttnCoreAttention(config, layer_number=1, attention_type=attention_type)
+    assert asked == [config.kv_channels]
+    return module
+
+
+def recording(backend=FAKE):
+    """``backend`` noting every call as ``(kind, batch, flags)``; ``deterministic`` is taken off
+    before the stand-in runs (the stand-ins, like older flash-attn builds, lack the keyword)."""
+    calls = []
+
+    def func(q, k, v, **kw):
+        calls.append(("dense", q.shape[0], {n: kw.pop(n) for n in list(kw) if n not in SIG}))
+        return backend.func(q, k, v, **kw)
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append(("varlen", cu_q.numel() - 1, {n: kw.pop(n) for n in list(kw) if n not in SIG}))
+        return backend.varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
+
+    return dataclasses.replace(
+        backend, name=f"recording {backend.name}", func=func, varlen=varlen
+    ), calls
+
+
+SIG = ("softmax_scale", "causal")  # the keywords every call passes
 
 
 def qkv(g, sq, sk, b, requires_grad=True):
@@ -193,3 +228,314 @@ def test_backend_env_validation(monkeypatch):
     finally:
         monkeypatch.delenv(fa.ENV)
         fa.flash_attn_backend.cache_clear()
+
+
+# --- backend choice -------------------------------------------------------------------------
+
+
+def _only_head_dims(dims, func):
+    """``func`` that refuses other head dims, as older FA3 builds do."""
+
+    def limited(q, *args, **kw):
+        if q.shape[-1] not in dims:
+            raise RuntimeError("Only support head size 64, 128, and 256")
+        return func(q, *args, **kw)
+
+    return limited
+
+
+def _stand_in(name, dims=None):
+    func, varlen = fake_func, fake_varlen
+    if dims is not None:
+        func, varlen = _only_head_dims(dims, func), _only_head_dims(dims, varlen)
+    return fa.FlashBackend(name, func, varlen, device_type="cpu", dtypes=(torch.bfloat16,))
+
+
+FA3_OLD = _stand_in("flash-attn 3 stand-in", dims=(64, 128, 256))
+FA2 = _stand_in("flash-attn 2 stand-in")
+
+
+@pytest.fixture
+def choice(monkeypatch):
+    """A fresh backend choice on a stand-in Hopper GPU whose imports yield ``loads[name]``
+    (a backend, or an exception to raise); ``loaded`` lists the imports tried."""
+    state = SimpleNamespace(loads={"fa3": FA3_OLD, "fa2": FA2}, loaded=[], cap=(9, 0))
+
+    def load(name):
+        state.loaded.append(name)
+        got = state.loads[name]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    monkeypatch.delenv(fa.ENV, raising=False)
+    monkeypatch.setattr(fa, "_capability", lambda: state.cap)
+    monkeypatch.setattr(fa, "_load", load)
+    fa.flash_attn_backend.cache_clear()
+    yield state
+    fa.flash_attn_backend.cache_clear()
+
+
+def _warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_probe_falls_back_in_order_and_warns(choice, caplog):
+    """Head dim 72 (Lumos-XL) on an FA3 build with only 64 / 128 / 256: FA2 serves it, with a
+    warning naming FA3; head dim 64 stays on FA3; each head dim is chosen once."""
+    caplog.set_level(logging.DEBUG, logger=fa.__name__)
+    assert fa.flash_attn_backend(72) is FA2
+    (warning,) = _warnings(caplog)
+    assert "flash-attn 3 stand-in" in warning and "head dim 72" in warning
+    assert "Only support head size" in warning
+    assert fa.flash_attn_backend(64) is FA3_OLD
+    assert choice.loaded == ["fa3", "fa2", "fa3"]
+    assert fa.flash_attn_backend(72) is FA2 and len(choice.loaded) == 3  # cached
+
+    fa.flash_attn_backend.cache_clear()
+    choice.loads["fa2"] = _stand_in("flash-attn 2 stand-in", dims=(64,))
+    caplog.clear()
+    assert fa.flash_attn_backend(72) is None  # FA3 -> FA2 -> SDPA
+    assert len(_warnings(caplog)) == 2
+
+
+def test_head_dim_none_only_imports(choice):
+    assert fa.flash_attn_backend() is FA3_OLD  # no probe: importable is enough
+    assert choice.loaded == ["fa3"]
+
+
+def test_candidates_follow_the_gpu(choice, caplog):
+    caplog.set_level(logging.INFO, logger=fa.__name__)
+    choice.cap = (8, 0)  # A100: FA3 is Hopper-only
+    assert fa.flash_attn_backend(72) is FA2 and choice.loaded == ["fa2"]
+    for cap, why in (((7, 0), "compute capability >= 8.0"), (None, "no CUDA device")):
+        fa.flash_attn_backend.cache_clear()
+        choice.cap, choice.loaded[:] = cap, []
+        caplog.clear()
+        assert fa.flash_attn_backend(72) is None and choice.loaded == []
+        assert any(why in r.getMessage() for r in caplog.records)
+
+
+def test_head_dims_without_kernels_take_sdpa(choice):
+    for hn in (36, 264):  # not a multiple of 8; above 256
+        assert fa.flash_attn_backend(hn) is None
+    assert choice.loaded == []
+
+
+def test_forced_backend_raises_instead_of_falling_back(choice, monkeypatch):
+    monkeypatch.setenv(fa.ENV, "fa3")
+    with pytest.raises(RuntimeError, match="LUMOS_FLASH_ATTN=fa3: flash-attn 3 stand-in cannot"):
+        fa.flash_attn_backend(72)  # the probe fails at 72: no silent FA2
+    assert fa.flash_attn_backend(64) is FA3_OLD
+    choice.loads["fa3"] = ModuleNotFoundError("No module named 'x'", name="flash_attn_interface")
+    fa.flash_attn_backend.cache_clear()
+    with pytest.raises(RuntimeError, match=r"LUMOS_FLASH_ATTN=fa3: flash-attn 3 \(module"):
+        fa.flash_attn_backend(64)
+    monkeypatch.setenv(fa.ENV, "fa2")
+    choice.loads["fa2"] = ModuleNotFoundError("No module named 'flash_attn'", name="flash_attn")
+    with pytest.raises(RuntimeError, match=r"LUMOS_FLASH_ATTN=fa2: flash-attn 2 \(pip package"):
+        fa.flash_attn_backend(72)
+    choice.cap = (7, 5)
+    fa.flash_attn_backend.cache_clear()
+    with pytest.raises(RuntimeError, match="LUMOS_FLASH_ATTN=fa2: flash-attn needs compute"):
+        fa.flash_attn_backend(72)
+
+
+def test_env_sdpa_turns_flash_attn_off(choice, monkeypatch):
+    monkeypatch.setenv(fa.ENV, "sdpa")
+    assert fa.flash_attn_backend(72) is None and fa.flash_attn_backend() is None
+    assert choice.loaded == []
+
+
+def test_import_failures_absent_is_quiet_broken_warns(monkeypatch, caplog):
+    """The real imports: a package that is not installed is logged at DEBUG, one that is
+    installed and fails to import at WARNING; FA3's top-level copy is imported only when TE's
+    path is absent."""
+    tried = []
+    errors = {}
+    top_level_fa3 = SimpleNamespace(flash_attn_func=fake_func, flash_attn_varlen_func=fake_varlen)
+
+    def import_module(name):
+        tried.append(name)
+        if name in errors:
+            raise errors[name]
+        if name == "flash_attn_interface":
+            return top_level_fa3
+        root = name.split(".")[0]
+        raise ModuleNotFoundError(f"No module named {root!r}", name=root)
+
+    monkeypatch.delenv(fa.ENV, raising=False)
+    monkeypatch.setattr(fa, "importlib", SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(fa, "_capability", lambda: (9, 0))
+    caplog.set_level(logging.DEBUG, logger=fa.__name__)
+    fa.flash_attn_backend.cache_clear()
+    try:
+        backend = fa.flash_attn_backend()  # TE's FA3 path absent -> the top-level copy
+        assert backend.name == "flash-attn 3" and backend.func is fake_func
+        assert tried == ["flash_attn_3.flash_attn_interface", "flash_attn_interface"]
+
+        errors["flash_attn_3.flash_attn_interface"] = ImportError("undefined symbol: fa3_fwd")
+        errors["flash_attn_interface"] = ModuleNotFoundError("no", name="flash_attn_interface")
+        fa.flash_attn_backend.cache_clear()
+        tried.clear()
+        assert fa.flash_attn_backend() is None
+        assert "flash_attn_interface" not in tried  # a broken TE-path FA3 is not doubled
+        (warning,) = _warnings(caplog)  # FA3 broken; FA2 merely absent
+        assert "flash-attn 3" in warning and "undefined symbol" in warning
+        assert any("flash-attn 2" in r.getMessage() for r in caplog.records)  # at DEBUG
+
+        errors["flash_attn"] = ImportError("flash_attn_2_cuda: undefined symbol")
+        fa.flash_attn_backend.cache_clear()
+        caplog.clear()
+        assert fa.flash_attn_backend() is None
+        assert any("flash-attn 2" in w and "undefined symbol" in w for w in _warnings(caplog))
+    finally:
+        fa.flash_attn_backend.cache_clear()
+
+
+def test_backend_accepts_only_head_dims_with_kernels():
+    for hn, ok in ((8, True), (72, True), (256, True), (12, False), (264, False)):
+        t = torch.zeros(1, 2, 1, hn, dtype=torch.float64)
+        assert FAKE.accepts(t, t, t) is ok
+
+
+def test_cpu_inputs_never_ask_for_a_backend(monkeypatch):
+    def refuse(head_dim=None):
+        raise AssertionError("CPU inputs need no flash-attn backend")
+
+    monkeypatch.setattr(fa, "flash_attn_backend", refuse)
+    q = torch.randn(2, NP, 3, HN, dtype=torch.float64)
+    k = torch.randn(2, NG, 3, HN, dtype=torch.float64)
+    out = fa.attention(q, k, k)
+    torch.testing.assert_close(out, fa._sdpa(q, k, k, None, HN**-0.5))
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    fa.varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), k[0].transpose(0, 1), cu, cu)
+
+
+# --- batch chunking -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["dense", "key-padding", "shared-key-padding", "sdpa"])
+def test_large_batches_run_in_chunks(monkeypatch, path):
+    """Batches above MAX_BATCH (CUDA's grid limit) are split; the result and its gradients
+    equal one call, and no kernel sees more than MAX_BATCH rows."""
+    g = torch.Generator().manual_seed(5)
+    b, lq, lk = 5, 3, 6
+    q = torch.randn(b, NP, lq, HN, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, NG, lk, HN, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, NG, lk, HN, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if path in ("key-padding", "shared-key-padding"):
+        mask = torch.rand(b if path == "key-padding" else 1, 1, 1, lk, generator=g) > 0.4
+        mask[..., 0] = True
+    elif path == "sdpa":  # a general mask: SDPA, chunked with the batch
+        mask = torch.rand(b, 1, lq, lk, generator=g) > 0.3
+        mask[..., 0] = True
+    backend, calls = recording()
+    seen = []
+
+    def sdpa(q, k, v, mask, scale):
+        seen.append(q.shape[0])
+        return fa.F.scaled_dot_product_attention(
+            q, k.repeat_interleave(NP // NG, 1), v.repeat_interleave(NP // NG, 1), mask, scale=scale
+        )
+
+    monkeypatch.setattr(fa, "_sdpa", sdpa)
+    dout = torch.randn(b, NP, lq, HN, generator=g, dtype=torch.float64)
+    results = []
+    for limit in (10**6, 2):
+        monkeypatch.setattr(fa, "MAX_BATCH", limit)
+        calls.clear()
+        seen.clear()
+        out = fa.attention(q, k, v, mask, 0.3, None if path == "sdpa" else backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+        batches = seen if path == "sdpa" else [n for _, n, _ in calls]
+        assert batches == ([b] if limit > b else [2, 2, 1])
+        if path != "sdpa":
+            assert not seen and {kind for kind, _, _ in calls} == {
+                "dense" if mask is None else "varlen"
+            }
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- cu_seqlens -----------------------------------------------------------------------------
+
+
+def test_cu_seqlens_are_int32_contiguous_and_checked():
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(10, NP, HN, generator=g, dtype=torch.float64)
+    k = torch.randn(10, NG, HN, generator=g, dtype=torch.float64)
+    cu64 = torch.tensor([0, 0, 3, 3, 8, 8, 10, 10])[::2]  # int64, not contiguous
+    backend, calls = recording()
+    out = fa.varlen_attention(q, k, k, cu64, cu64, backend=backend)
+    torch.testing.assert_close(out[3:8], _attend(q[3:8], k[3:8], k[3:8], HN**-0.5))
+    assert len(calls) == 1  # the stand-in asserts int32
+    short = torch.tensor([0, 3, 9], dtype=torch.int32)
+    full = torch.tensor([0, 3, 10], dtype=torch.int32)
+    for be in (backend, None):  # flash and the SDPA fallback alike
+        with pytest.raises(ValueError, match="cu_seqlens_q ends at 9 but the queries hold 10"):
+            fa.varlen_attention(q, k, k, short, full, backend=be)
+        with pytest.raises(ValueError, match="cu_seqlens_k ends at 9 but the keys hold 10"):
+            fa.varlen_attention(q, k, k, full, short, backend=be)
+        with pytest.raises(ValueError, match=r"\[samples \+ 1\]"):
+            fa.varlen_attention(q, k, k, full, torch.tensor([0, 10], dtype=torch.int32), backend=be)
+
+
+def test_packed_cross_attention_checks_the_condition_tokens(config, monkeypatch):
+    """An image pack's cu_seqlens handed to cross-attention over 6 condition tokens: refused
+    (flash-attn would read keys past the end); the pack's own condition cu_seqlens work."""
+    g = torch.Generator().manual_seed(7)
+    flash = build(config, monkeypatch, FAKE, "cross")
+    q, _, _ = (t[:, 0] for t in qkv(g, 10, 10, 1, requires_grad=False))
+    _, k, v = (t[:, 0] for t in qkv(g, 6, 6, 1, requires_grad=False))
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    with pytest.raises(ValueError, match="cu_seqlens_k ends at 10 but the keys hold 6"):
+        flash(q, k, v, None, packed_seq_params=psp)
+    cond = torch.tensor([0, 1, 5, 6], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cond)
+    out = flash(q, k, v, None, packed_seq_params=psp)
+    want = _attend(q[3:8], k[1:5], v[1:5], HN**-0.5).reshape(5, NP * HN)
+    torch.testing.assert_close(out[3:8], want, rtol=1e-10, atol=1e-10)
+
+
+def test_rejects_padded_kv_packs(config, monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    flash = build(config, monkeypatch, FAKE)
+    q, k, v = (t[:, 0] for t in qkv(g, 4, 4, 1, requires_grad=False))
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu.clone(),  # equal: fine
+        cu_seqlens_kv_padded=torch.tensor([0, 3, 6], dtype=torch.int32),
+    )
+    with pytest.raises(ValueError, match="cu_seqlens_kv_padded differs"):
+        flash(q, k, v, None, packed_seq_params=psp)
+
+
+# --- deterministic --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_mode_reaches_flash_attn_only_when_set(config, monkeypatch, deterministic):
+    config.deterministic_mode = deterministic
+    g = torch.Generator().manual_seed(9)
+    backend, calls = recording()
+    flash = build(config, monkeypatch, backend, "cross")
+    q, k, v = qkv(g, 5, 6, 2, requires_grad=False)
+    mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 3:] = True
+    flash(q, k, v, None)  # dense
+    flash(q, k, v, mask)  # key padding -> varlen
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    flash(q[:, 0], k[:5, 0], v[:5, 0], None, packed_seq_params=psp)  # THD pack
+    want = {"deterministic": True} if deterministic else {}
+    assert [(kind, flags) for kind, _, flags in calls] == [
+        ("dense", want),
+        ("varlen", want),
+        ("varlen", want),
+    ]
