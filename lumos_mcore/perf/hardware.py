@@ -1,9 +1,9 @@
 """What the machine can do and what a run used: matmul peak, spec peaks, memory, communication.
 
-MFU needs a denominator. On GPUs it is the vendor's dense peak (H100 SXM: 989 TFLOP/s bf16,
-1979 FP8). On CPU there is no meaningful spec number, so the denominator is the fp32 matmul
-FLOP/s measured on the same machine in the same run, with the same threads per rank, so an
-MFU of 1.0 means "as fast as a large GEMM".
+MFU needs a denominator. On GPUs it is the vendor's dense peak (:data:`GPU_PEAK_TFLOPS`; H100
+SXM: 989 TFLOP/s bf16, 1979 FP8). On CPU there is no meaningful spec number, so the denominator
+is the fp32 matmul FLOP/s measured on the same machine in the same run, with the same threads
+per rank, so an MFU of 1.0 means "as fast as a large GEMM".
 """
 
 from __future__ import annotations
@@ -32,8 +32,15 @@ __all__ = [
     "rank_peak",
 ]
 
-# Dense (no sparsity) peak TFLOP/s by device-name fragment, per dtype.
+# Dense (no sparsity) peak TFLOP/s by device-name fragment, per dtype: half the datasheets'
+# "with sparsity" numbers. The first fragment found in the name wins, so the specific parts
+# come before the generic ones ("GB200" contains "B200", "GH200" and "H200 NVL" contain "H200").
 GPU_PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 NVL": {"bf16": 835.0, "fp8": 1670.0},
+    "H200 NVL": {"bf16": 835.0, "fp8": 1670.0},
+    "GH200": {"bf16": 989.0, "fp8": 1979.0},
+    "GB200": {"bf16": 2500.0, "fp8": 5000.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
     "H200": {"bf16": 989.0, "fp8": 1979.0},
     "H100 SXM": {"bf16": 989.0, "fp8": 1979.0},
     "H100 80GB HBM3": {"bf16": 989.0, "fp8": 1979.0},  # how SXM parts report themselves
@@ -111,6 +118,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time_calls(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+    """Seconds taken by ``calls`` back-to-back calls of ``fn``.
+
+    CUDA: between two events around the launches, one synchronisation per batch -- a host
+    synchronisation after every call would add its latency to each (small) GEMM. CPU: wall
+    clock (the calls run synchronously).
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3  # ms -> s
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return time.perf_counter() - t0
+
+
 def measure_matmul_flops(
     shapes: list[tuple[int, int, int]] | None = None,
     *,
@@ -121,8 +151,9 @@ def measure_matmul_flops(
 ) -> tuple[float, dict[str, float]]:
     """Best FLOP/s of ``[m, k] @ [k, n]`` over ``shapes``; returns ``(best, {shape: flops})``.
 
-    Each shape is timed ``repeats`` times (each time at least ``min_time`` seconds of calls) and
-    the fastest repeat counts: the CPU of a shared machine is noisy, and a peak is a maximum.
+    The number of calls per timing doubles until one timing lasts ``min_time`` seconds; that
+    timing and ``repeats - 1`` more of as many calls are kept and the fastest counts: the CPU
+    of a shared machine is noisy, and a peak is a maximum.
     """
     device = torch.device(device)
     shapes = shapes or [(2048, 2048, 2048)]
@@ -133,17 +164,18 @@ def measure_matmul_flops(
         a @ b  # warm-up (allocations, kernel selection)
         _sync(device)
         flop = 2.0 * m * k * n
-        best = 0.0
-        for _ in range(repeats):
-            calls, t0 = 0, time.perf_counter()
-            while True:
-                a @ b
-                calls += 1
-                _sync(device)
-                elapsed = time.perf_counter() - t0
-                if elapsed >= min_time:
-                    break
-            best = max(best, flop * calls / elapsed)
+
+        def matmul(a=a, b=b) -> None:
+            a @ b
+
+        calls = 1
+        elapsed = _time_calls(matmul, calls, device)
+        while elapsed < min_time or elapsed <= 0:
+            calls *= 2
+            elapsed = _time_calls(matmul, calls, device)
+        best = flop * calls / elapsed
+        for _ in range(repeats - 1):
+            best = max(best, flop * calls / _time_calls(matmul, calls, device))
         results[f"{m}x{k}x{n}"] = best
     return max(results.values()), results
 
