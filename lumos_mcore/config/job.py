@@ -50,6 +50,16 @@ class JobConfig:
         packs = any(section is not None and section.pack for section in (self.data, self.media))
         if packs and self.parallel.cp > 1 and self.model.spec == "te":
             check_te_packed_cp(self.parallel.cp_comm_type, self.model.cp_layout)
+        if packs and self.model.fp8 is not None and self.parallel.pp > 1:
+            p = self.parallel
+            ranks = p.cp * (p.tp if p.sequence_parallel else 1)
+            if self.model.num_tokens % (16 * ranks):
+                raise ValueError(
+                    f"model.fp8={self.model.fp8!r} with packs under parallel.pp={p.pp}: every "
+                    f"pack is model.num_tokens={self.model.num_tokens} tokens long, which must be "
+                    f"a multiple of 16 x cp x sp = {16 * ranks} (FP8 GEMM rows per rank); change "
+                    "the model size / resolution, parallel.cp or parallel.sequence_parallel"
+                )
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(
                 f"model.learn_sigma={self.model.learn_sigma} but "

@@ -43,3 +43,20 @@ def test_allowed_pack_layouts():
     _packed_job("te")  # auto is zig-zag on the TE spec
     # The local spec's all-gather CP has neither limit.
     _packed_job("local", cp_layout="contiguous", cp_comm_type="all_gather")
+
+
+def test_fp8_packs_under_pp_need_a_length_fp8_can_split():
+    """Under PP every pack is model.num_tokens long (Lumos-Tiny/2 at latent 32: 256 tokens)."""
+    kw = dict(name="Lumos-Tiny/2", latent_size=32, fp8="tensorwise")
+
+    def job(tp: int, sp: bool, cp: int) -> JobConfig:
+        return JobConfig(
+            data=DataConfig(path="shards", pack=True, pack_capacity=256),
+            model=ModelConfig(**kw),
+            parallel=ParallelConfig(tp=tp, pp=2, cp=cp, sequence_parallel=sp),
+            train=TrainConfig(micro_batch_size=1),
+        )
+
+    job(2, True, 2)  # 256 tokens = 64 per rank
+    with pytest.raises(ValueError, match=r"num_tokens=256.*multiple of 16 x cp x sp = 512"):
+        job(4, True, 8)

@@ -206,8 +206,9 @@ def test_te_packed_seq_params_once_per_forward_and_unpadded():
     assert psp.cu_seqlens_q.tolist() == [0, 16, 32, 44] and psp.max_seqlen_q == 16
     assert psp.cu_seqlens_q_padded is psp.cu_seqlens_q is psp.cu_seqlens_kv
     assert psp.cu_seqlens_kv_padded is psp.cu_seqlens_kv
-    cross = bound.te_cross_packed_seq_params()
-    assert bound.te_cross_packed_seq_params() is cross
+    cross, rows = bound.te_cross_packed_seq_params()
+    assert bound.te_cross_packed_seq_params()[0] is cross
+    assert rows == 22  # every local query attends
     assert cross.cu_seqlens_q.tolist() == [0, 8, 16, 22]  # this rank's half of each sample
     assert cross.cu_seqlens_kv.tolist() == [0, 1, 3, 6] and cross.max_seqlen_kv == 3
     assert cross.cu_seqlens_q_padded is cross.cu_seqlens_q
@@ -215,3 +216,28 @@ def test_te_packed_seq_params_once_per_forward_and_unpadded():
     padded = lay.bind(context_valid=torch.tensor([True, True, False, True, True, True]))
     with pytest.raises(NotImplementedError, match="unpadded condition tokens"):
         padded.te_cross_packed_seq_params()
+    # A pad segment (no condition tokens) is left out of the cross-attention: its queries
+    # would attend to nothing; the caller gives them zeros.
+    shapes = [(1, 2, 4), (1, 2, 2)]  # 8 + 4 tokens, padded to 16 (pad segment of 4)
+    for rank in range(2):
+        lay = SequenceLayout.for_pack(
+            shapes, [2, 3], cp_size=2, cp_rank=rank, cp_mode="zigzag", pad_to=16
+        )
+        assert lay.segments[-1].pad and lay.segments[-1].cond_len == 0
+        cross, rows = lay.bind().te_cross_packed_seq_params()
+        assert rows == 6  # 4 + 2 real local queries, then the pad segment's 2
+        assert cross.cu_seqlens_q.tolist() == [0, 4, 6]
+        assert cross.cu_seqlens_kv.tolist() == [0, 2, 5]
+
+
+def test_fp8_packs_are_padded_to_16_rows_per_rank():
+    from lumos_mcore.models.dit.model import fp8_pack_length
+
+    shapes = [(2, 2, 4), (1, 3, 3)]  # 16 + 9 = 25 tokens
+    assert fp8_pack_length(shapes, None, 1) == 32
+    assert fp8_pack_length(shapes, None, 4) == 64  # 16 rows on each of cp x sp = 4 ranks
+    assert fp8_pack_length(shapes, 128, 4) == 128
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fp8_pack_length(shapes, 96, 4)
+    lay = SequenceLayout.for_pack(shapes, [1, 1], pad_to=fp8_pack_length(shapes, None, 1))
+    assert lay.total == 32 and lay.segments[-1].pad and lay.num_real_segments == 2

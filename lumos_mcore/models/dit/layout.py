@@ -404,9 +404,15 @@ class SequenceLayout:
         )
 
     def te_cross_packed_seq_params(self):
-        """``PackedSeqParams`` of a pack's cross-attention: this rank's queries grouped per
-        sample (both CP layouts keep a sample's local tokens together) against each sample's
-        own condition tokens, which must be unpadded."""
+        """``(PackedSeqParams, rows)`` of a pack's cross-attention: this rank's queries grouped
+        per sample (both CP layouts keep a sample's local tokens together) against each
+        sample's own condition tokens, which must be unpadded.
+
+        Samples without condition tokens (the pad segment) are left out: their queries would
+        attend to an empty key sequence, whose result differs between attention kernels (the
+        local spec gives them zeros, and so does the caller). ``rows`` is the number of local
+        query rows kept when they are a prefix, else their indices (``[n]`` long).
+        """
         return self._memoised("te_cross", self._build_te_cross)
 
     def _build_te_cross(self):
@@ -417,19 +423,33 @@ class SequenceLayout:
                 "packed cross-attention on TransformerEngine takes unpadded condition tokens"
             )
         counts = [0] * len(self.segments)
+        kept: list[tuple[int, int]] = []  # local (start, end) of queries that attend
         for p in self.pieces:
             counts[p.segment] += p.size
-        cu_q = torch.tensor(_cumsum(counts), dtype=torch.int32, device=self._device)
-        cu_kv = torch.tensor(self.cond_offsets, dtype=torch.int32, device=self._device)
-        return PackedSeqParams(
+            if self.segments[p.segment].cond_len > 0:
+                kept.append((p.local, p.local + p.size))
+        real = [i for i, seg in enumerate(self.segments) if seg.cond_len > 0]
+        q_lens = [counts[i] for i in real]
+        kv_lens = [self.segments[i].cond_len for i in real]
+        n = sum(b - a for a, b in kept)
+        if all(a == b0 for (a, _), b0 in zip(kept, [0] + [b for _, b in kept])):
+            rows: int | Tensor = n  # a prefix (the pad segment comes last)
+        else:
+            rows = torch.cat([torch.arange(a, b) for a, b in kept]).to(self._device)
+        if not real:
+            return None, rows
+        cu_q = torch.tensor(_cumsum(q_lens), dtype=torch.int32, device=self._device)
+        cu_kv = torch.tensor(_cumsum(kv_lens), dtype=torch.int32, device=self._device)
+        psp = PackedSeqParams(
             qkv_format="thd",
             cu_seqlens_q=cu_q,
             cu_seqlens_kv=cu_kv,
             cu_seqlens_q_padded=cu_q,
             cu_seqlens_kv_padded=cu_kv,
-            max_seqlen_q=max(counts),
-            max_seqlen_kv=max(s.cond_len for s in self.segments),
+            max_seqlen_q=max(q_lens),
+            max_seqlen_kv=max(kv_lens),
         )
+        return psp, rows
 
     def key(self) -> tuple:
         """Hashable identity (for caches of position tables)."""

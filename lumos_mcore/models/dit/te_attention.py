@@ -30,9 +30,11 @@ same layouts through the SDPA core attention.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from megatron.core.extensions.transformer_engine import TEDotProductAttention
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.enums import AttnMaskType
 from torch import Tensor, nn
@@ -41,7 +43,32 @@ from lumos_mcore.config.parallel import check_te_packed_cp
 from lumos_mcore.models.dit.attention import PATTERNS, core_attention_sharded_state_dict
 from lumos_mcore.models.dit.layout import SequenceLayout
 
-__all__ = ["TEVideoDotProductAttention"]
+__all__ = ["TEVideoDotProductAttention", "packed_cross_attention"]
+
+
+def packed_cross_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: SequenceLayout,
+    attend: Callable[[Tensor, Tensor, Tensor, PackedSeqParams], Tensor],
+) -> Tensor:
+    """A pack's cross-attention in THD (``q [t, 1, np, hn]``, ``k/v [Lc_total, 1, ng, hn]``):
+    ``attend`` (TE's attention) runs on the queries of samples with condition tokens; the pad
+    segment's queries get zeros, as in the local spec -> ``[t, 1, np*hn]``."""
+    psp, rows = layout.te_cross_packed_seq_params()
+    qs = q.squeeze(1)  # [t, np, hn]
+    width = qs.shape[1] * qs.shape[2]
+    if psp is None:  # no sample with condition tokens in this rank's share
+        return qs.new_zeros(q.shape[0], 1, width)
+    prefix = isinstance(rows, int)
+    kept = qs[:rows] if prefix else qs.index_select(0, rows)  # [rows, np, hn]
+    out = attend(kept, k.squeeze(1), v.squeeze(1), psp)  # [rows, np*hn]
+    if prefix and rows < qs.shape[0]:
+        out = torch.cat([out, out.new_zeros(qs.shape[0] - rows, width)])
+    elif not prefix:
+        out = out.new_zeros(qs.shape[0], width).index_copy(0, rows, out)
+    return out.reshape(q.shape[0], 1, -1)  # [t, 1, np*hn]
 
 
 class TEVideoDotProductAttention(TEDotProductAttention):
@@ -190,13 +217,10 @@ class TEVideoDotProductAttention(TEDotProductAttention):
             q_mask = torch.zeros(q.shape[1], 1, 1, q.shape[0], dtype=torch.bool, device=q.device)
             kv_mask = attention_mask.bool().reshape(k.shape[1], 1, 1, k.shape[0])
             return super().forward(q, k, v, (q_mask, kv_mask), AttnMaskType.padding)
-        psp = layout.te_cross_packed_seq_params()
-        out = super().forward(
-            q.squeeze(1),
-            k.squeeze(1),
-            v.squeeze(1),
-            None,
-            AttnMaskType.padding,
-            packed_seq_params=psp,
-        )  # [t, np*hn]
-        return out.reshape(q.shape[0], 1, -1)
+
+        def attend(qs: Tensor, ks: Tensor, vs: Tensor, psp: PackedSeqParams) -> Tensor:
+            return super(TEVideoDotProductAttention, self).forward(
+                qs, ks, vs, None, AttnMaskType.padding, packed_seq_params=psp
+            )  # [rows, np*hn]
+
+        return packed_cross_attention(q, k, v, layout, attend)  # [t, 1, np*hn]
