@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +35,7 @@ import kernels
 from kernels import adaln as _nm
 from kernels import residual as _gr
 from kernels import rope3d as _rope
+from lumos_mcore.perf.hardware import time_calls
 
 log = logging.getLogger(__name__)
 
@@ -130,22 +130,7 @@ def _time_ms(
     """
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(blocks):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / reps)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            times.append((time.perf_counter() - t0) * 1e3 / reps)
+    times = [time_calls(fn, reps, device) * 1e3 / reps for _ in range(blocks)]
     return statistics.median(times)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "CommTimer",
     "GPU_PEAK_TFLOPS",
     "MemorySampler",
+    "time_calls",
     "PeakSpec",
     "cpu_cores",
     "device_name",
@@ -118,7 +119,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
+def time_calls(fn: Callable[[], Any], calls: int, device: torch.device) -> float:
     """Seconds taken by ``calls`` back-to-back calls of ``fn``.
 
     CUDA: between two events around the launches, one synchronisation per batch -- a host
@@ -169,13 +170,13 @@ def measure_matmul_flops(
             a @ b
 
         calls = 1
-        elapsed = _time_calls(matmul, calls, device)
+        elapsed = time_calls(matmul, calls, device)
         while elapsed < min_time or elapsed <= 0:
             calls *= 2
-            elapsed = _time_calls(matmul, calls, device)
+            elapsed = time_calls(matmul, calls, device)
         best = flop * calls / elapsed
         for _ in range(repeats - 1):
-            best = max(best, flop * calls / _time_calls(matmul, calls, device))
+            best = max(best, flop * calls / time_calls(matmul, calls, device))
         results[f"{m}x{k}x{n}"] = best
     return max(results.values()), results
 

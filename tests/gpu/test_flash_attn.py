@@ -83,6 +83,15 @@ def _grads_close(got, want, tol=3e-2):
         assert rel_err(a, b) < tol, f"gradient {i}"
 
 
+def _close_to_reference(out, ref, inputs, tol=1e-2, grad_tol=2e-2):
+    """``out`` within ``tol`` of the float32 ``ref``, and the gradients of ``inputs`` too."""
+    assert rel_err(out, ref) < tol
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, inputs, dout.float())
+    _grads_close(got, want, grad_tol)
+
+
 def test_backend_found_and_dense_gqa(flash):
     from lumos_mcore.ops.flash_attention import attention
 
@@ -95,11 +104,8 @@ def test_backend_found_and_dense_gqa(flash):
     out = attention(q, k, v, None, HN**-0.5, backend)
     assert calls == {"dense": 1, "varlen": 0}
     ref = _sdpa32(q, k, v)
-    assert out.dtype == torch.bfloat16 and rel_err(out, ref) < 1e-2
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.float())
-    _grads_close(got, want, 2e-2)
+    assert out.dtype == torch.bfloat16
+    _close_to_reference(out, ref, (q, k, v))
 
 
 def test_key_padding_goes_varlen(flash):
@@ -118,11 +124,7 @@ def test_key_padding_goes_varlen(flash):
     out = attention(q, k, v, keep, HN**-0.5, backend)
     assert calls == {"dense": 0, "varlen": 1}
     ref = _sdpa32(q, k, v, keep)
-    assert rel_err(out, ref) < 1e-2
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.float())
-    _grads_close(got, want, 2e-2)
+    _close_to_reference(out, ref, (q, k, v))
 
 
 def test_varlen_pack_is_block_diagonal(flash):
@@ -138,11 +140,7 @@ def test_varlen_pack_is_block_diagonal(flash):
     mask = (seg[:, None] == seg[None, :])[None, None]
     ref = _sdpa32(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)
     ref = ref[0].transpose(0, 1)  # [t, np, hn]
-    assert rel_err(out, ref) < 1e-2
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.float())
-    _grads_close(got, want, 2e-2)
+    _close_to_reference(out, ref, (q, k, v))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -163,11 +161,7 @@ def test_batches_above_the_grid_limit(flash, dtype):
         assert calls == {"dense": 0, "varlen": 0}  # float32 goes to SDPA
     p = torch.softmax(q.float() @ k.float().transpose(-1, -2) * HN**-0.5, dim=-1)
     ref = p @ v.float()  # [b, heads, lq, hn]
-    assert rel_err(out, ref) < 1e-2
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.float())
-    _grads_close(got, want, 2e-2)
+    _close_to_reference(out, ref, (q, k, v))
 
 
 def _block_run(config, spec, inputs, dout):

@@ -46,13 +46,13 @@ def test_matmul_probe_times_batches_of_calls(monkeypatch):
     """The probe doubles the calls per timing until one lasts min_time, then keeps the fastest
     of ``repeats`` timings of that many calls (one synchronisation per batch on CUDA)."""
     batches = []
-    real = hardware._time_calls
+    real = hardware.time_calls
 
     def spy(fn, calls, device):
         batches.append(calls)
         return real(fn, calls, device)
 
-    monkeypatch.setattr(hardware, "_time_calls", spy)
+    monkeypatch.setattr(hardware, "time_calls", spy)
     best, per_shape = measure_matmul_flops([(64, 64, 64)], repeats=3, min_time=0.02)
     assert list(per_shape) == ["64x64x64"] and best == per_shape["64x64x64"] > 0
     calibration, repeats = batches[:-2], batches[-2:]
@@ -62,5 +62,5 @@ def test_matmul_probe_times_batches_of_calls(monkeypatch):
 
 def test_time_calls_on_cpu_runs_the_calls():
     count = []
-    seconds = hardware._time_calls(lambda: count.append(1), 5, torch.device("cpu"))
+    seconds = hardware.time_calls(lambda: count.append(1), 5, torch.device("cpu"))
     assert len(count) == 5 and seconds >= 0
