@@ -252,8 +252,11 @@ def _first(out: Tensor | tuple) -> Tensor:
 
 
 def _flags(deterministic: bool) -> dict:
-    # Only when asked for: builds without the keyword keep working.
-    return {"deterministic": True} if deterministic else {}
+    # Only when asked for (here, or process-wide by torch.use_deterministic_algorithms): builds
+    # without the keyword keep working.
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return {"deterministic": True}
+    return {}
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
@@ -287,8 +290,8 @@ def attention(
 
     ``backend`` None: :func:`flash_attn_backend` at this head dim for CUDA inputs. Batches above
     :data:`MAX_BATCH` run in chunks (CUDA's grid limit, see there), the mask chunked with them
-    unless it broadcasts over the batch. ``deterministic`` asks flash-attn for its deterministic
-    backward.
+    unless it broadcasts over the batch. ``deterministic`` (or
+    ``torch.use_deterministic_algorithms(True)``) asks flash-attn for its deterministic backward.
     """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend is None and q.is_cuda:

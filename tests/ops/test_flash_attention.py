@@ -539,3 +539,16 @@ def test_deterministic_mode_reaches_flash_attn_only_when_set(config, monkeypatch
         ("varlen", want),
         ("varlen", want),
     ]
+
+
+def test_torch_deterministic_algorithms_reach_flash_attn(config, monkeypatch):
+    """``torch.use_deterministic_algorithms(True)`` asks for the deterministic backward too
+    (SDPACoreAttention's routed calls, which carry no config flag, included)."""
+    g = torch.Generator().manual_seed(10)
+    backend, calls = recording()
+    q, k, v = (t.permute(1, 2, 0, 3) for t in qkv(g, 5, 6, 2, requires_grad=False))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    fa.attention(q, k, v, None, 0.3, backend)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    fa.attention(q, k, v, None, 0.3, backend)
+    assert [flags for _, _, flags in calls] == [{"deterministic": True}, {}]
