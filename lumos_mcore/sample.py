@@ -629,7 +629,10 @@ def main(argv: list[str] | None = None, *, loader: Callable[..., torch.nn.Module
     if args.device:
         device = torch.device(args.device)
     elif torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        from lumos_mcore.parallel.state import cuda_device_index, local_rank_from_env
+
+        rank = int(os.environ.get("RANK", "0"))
+        local = cuda_device_index(local_rank_from_env(rank), torch.cuda.device_count())
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:

@@ -257,24 +257,43 @@ def frame_grid(tokens: int, frames: int) -> tuple[int, int]:
 def kernel_mode(variant: Variant) -> Iterator[None]:
     """``DiTLayer`` calls ``lumos_mcore.ops`` for norm + modulate and the gated residuals; a
     ``fused`` row forces their Triton kernels, every other row the PyTorch references, so the
-    two rows of a pair differ only in that (``LUMOS_KERNELS``, restored afterwards)."""
-    with _kernels_env("triton" if variant.fused else "torch"):
-        yield
+    two rows of a pair differ only in that (``LUMOS_KERNELS``, restored afterwards).
+
+    An ``sdpa`` row also sets ``LUMOS_FLASH_ATTN=sdpa``: on CUDA the local spec's SDPA core
+    attention routes through ``ops.flash_attention``, which would pick flash-attn wherever it is
+    installed and make the sdpa row a second flash row."""
+    from lumos_mcore.ops import dispatch, flash_attention
+
+    flash = {flash_attention.ENV: "sdpa"} if variant.attention == "sdpa" else {}
+    with _env({dispatch.ENV: "triton" if variant.fused else "torch", **flash}):
+        flash_attention.flash_attn_backend.cache_clear()
+        try:
+            yield
+        finally:
+            flash_attention.flash_attn_backend.cache_clear()
 
 
 @contextlib.contextmanager
 def _kernels_env(mode: str) -> Iterator[None]:
     from lumos_mcore.ops.dispatch import ENV
 
-    old = os.environ.get(ENV)
-    os.environ[ENV] = mode
+    with _env({ENV: mode}):
+        yield
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables, restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def build_spec(variant: Variant, layout: str = "full_3d"):

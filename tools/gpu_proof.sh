@@ -222,7 +222,7 @@ if [ "$RUN_TESTS" = 1 ]; then
     echo "pytest stopped at its share of --deadline-s ${DEADLINE}: ${TEST_LIMIT} s (exit $TEST_RC)" >> "$SUMMARY"
   fi
   # which attention backends / kernels actually ran (deduplicated, without log prefixes)
-  grep -oE "(Running with [A-Za-z]+ backend[^\"]*|attention backend: .*|kernel [a-z0-9_]+: .*)" \
+  grep -oE "(Running with [A-Za-z]+ backend[^\"]*|attention backend( for head dim [0-9]+)?: .*|fails a forward \+ backward at head dim [0-9]+.*|kernel [a-z0-9_]+: .*)" \
       "$LOG_DIR/gpu_tests.log" | sort | uniq -c | sed 's/^ */backend used (count): /' >> "$SUMMARY" || true
   # the memory models checked on this GPU (estimate vs torch.cuda.max_memory_allocated)
   grep -oE "encoder memory: .*" "$LOG_DIR/gpu_tests.log" | sort -u >> "$SUMMARY" || true

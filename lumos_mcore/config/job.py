@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.diffusion import DiffusionConfig
 from lumos_mcore.config.media import MediaDataConfig
-from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.config.model import ModelConfig, fp8_row_multiple
 from lumos_mcore.config.parallel import ParallelConfig, check_te_packed_cp
 from lumos_mcore.config.train import (
     CheckpointConfig,
@@ -15,6 +15,15 @@ from lumos_mcore.config.train import (
     TrainConfig,
     ValidationConfig,
 )
+
+
+def _te_spec(model: ModelConfig) -> bool:
+    """Whether the model will be built on the TE spec (``auto``: where TE imports)."""
+    if model.spec == "te":
+        return True
+    from lumos_mcore.models.dit.layer_spec import te_available  # imports megatron
+
+    return te_available()
 
 
 @dataclass
@@ -48,17 +57,19 @@ class JobConfig:
                     "counts samples)"
                 )
         packs = any(section is not None and section.pack for section in (self.data, self.media))
-        if packs and self.parallel.cp > 1 and self.model.spec == "te":
+        if packs and self.parallel.cp > 1 and self.model.spec != "local" and _te_spec(self.model):
             check_te_packed_cp(self.parallel.cp_comm_type, self.model.cp_layout)
         if packs and self.model.fp8 is not None and self.parallel.pp > 1:
             p = self.parallel
-            ranks = p.cp * (p.tp if p.sequence_parallel else 1)
-            if self.model.num_tokens % (16 * ranks):
+            multiple = (
+                fp8_row_multiple(self.model.fp8) * p.cp * (p.tp if p.sequence_parallel else 1)
+            )
+            if self.model.num_tokens % multiple:
                 raise ValueError(
                     f"model.fp8={self.model.fp8!r} with packs under parallel.pp={p.pp}: every "
                     f"pack is model.num_tokens={self.model.num_tokens} tokens long, which must be "
-                    f"a multiple of 16 x cp x sp = {16 * ranks} (FP8 GEMM rows per rank); change "
-                    "the model size / resolution, parallel.cp or parallel.sequence_parallel"
+                    f"a multiple of {multiple} (FP8 GEMM rows per rank x cp x sp); change the "
+                    "model size / resolution, parallel.cp or parallel.sequence_parallel"
                 )
         if self.model.learn_sigma != self.diffusion.learn_sigma:
             raise ValueError(

@@ -19,6 +19,12 @@ FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 FP8_FORMATS = ("hybrid", "e4m3")
 
 
+def fp8_row_multiple(recipe: str) -> int:
+    """Rows an FP8 GEMM input must be a multiple of: 32 for MXFP8 (one scale per 32-element
+    block), 16 for the other recipes (TE asserts otherwise; megatron's ``get_fp8_align_size``)."""
+    return 32 if recipe == "mxfp8" else 16
+
+
 @dataclass
 class ModelConfig:
     """Architecture of one Lumos DiT.

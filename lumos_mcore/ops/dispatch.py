@@ -144,16 +144,17 @@ def _fwd_bwd(
     impl: Callable[..., Tensor], args: Sequence, kwargs: dict, grad_args: Sequence[int]
 ) -> Callable[[], None]:
     """A closure running ``impl`` forward and backward on copies of ``args``."""
-    copies = [
-        a.detach().clone().requires_grad_(i in grad_args and a.is_floating_point())
-        if isinstance(a, Tensor)
-        else a
-        for i, a in enumerate(args)
-    ]
+    with torch.inference_mode(False):  # a first call under inference_mode: normal copies
+        copies = [
+            a.clone().detach().requires_grad_(i in grad_args and a.is_floating_point())
+            if isinstance(a, Tensor)
+            else a
+            for i, a in enumerate(args)
+        ]
     leaves = [a for a in copies if isinstance(a, Tensor) and a.requires_grad]
 
     def run() -> None:
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():
             out = impl(*copies, **kwargs)
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 

@@ -27,6 +27,7 @@ __all__ = [
     "init_distributed",
     "initialize_parallel",
     "local_rank_from_env",
+    "local_world_size_from_env",
 ]
 
 
@@ -54,16 +55,35 @@ def local_rank_from_env(rank: int) -> int:
     return rank
 
 
+def local_world_size_from_env(world_size: int) -> int:
+    """Processes on this node: torchrun's ``LOCAL_WORLD_SIZE``, SLURM's
+    ``SLURM_NTASKS_PER_NODE`` or Open MPI's ``OMPI_COMM_WORLD_LOCAL_SIZE``, else the world size
+    (one node); sets each CPU process's share of the cores."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit():  # SLURM may write "4(x2)" for uneven nodes: not a plain count
+            return int(value)
+    return world_size
+
+
 def cuda_device_index(local_rank: int, device_count: int) -> int:
     """The CUDA device of this process: ``local_rank`` among the visible devices.
 
     A launcher that gives each process only its own GPU (``srun --gpus-per-task=1``, or a
-    per-rank ``CUDA_VISIBLE_DEVICES``) leaves fewer visible devices than local ranks; the
-    rank's device is then ``local_rank % device_count`` (index 0 with one device each).
+    per-rank ``CUDA_VISIBLE_DEVICES``) leaves one visible device: index 0 for every local
+    rank. With several visible devices, a local rank beyond them is a launch error (two ranks
+    would share a GPU).
     """
     if device_count < 1:
         raise RuntimeError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)")
-    return local_rank % device_count
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        raise RuntimeError(
+            f"local rank {local_rank} but only {device_count} CUDA devices are visible: launch "
+            "at most one process per GPU (torchrun --nproc-per-node, srun --ntasks-per-node)"
+        )
+    return local_rank
 
 
 def init_distributed(backend: str | None = None) -> tuple[int, int]:
@@ -88,7 +108,7 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = local_rank_from_env(rank)
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        local_world_size = local_world_size_from_env(world_size)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if world_size > 1:

@@ -38,6 +38,18 @@ def test_te_packs_under_cp_need_the_zigzag_split():
         _packed_job("te", cp_layout="contiguous")
 
 
+@pytest.mark.parametrize("te", [True, False])
+def test_auto_spec_is_checked_where_te_imports(monkeypatch, te):
+    from lumos_mcore.models.dit import layer_spec
+
+    monkeypatch.setattr(layer_spec, "te_available", lambda: te)
+    if te:
+        with pytest.raises(ValueError, match="parallel.cp_comm_type='a2a'"):
+            _packed_job("auto", cp_comm_type="a2a")
+    else:  # the local spec: its all-gather CP takes packs with any comm type
+        _packed_job("auto", cp_comm_type="a2a")
+
+
 def test_allowed_pack_layouts():
     _packed_job("te", cp_layout="zigzag")
     _packed_job("te")  # auto is zig-zag on the TE spec
@@ -47,16 +59,17 @@ def test_allowed_pack_layouts():
 
 def test_fp8_packs_under_pp_need_a_length_fp8_can_split():
     """Under PP every pack is model.num_tokens long (Lumos-Tiny/2 at latent 32: 256 tokens)."""
-    kw = dict(name="Lumos-Tiny/2", latent_size=32, fp8="tensorwise")
-
-    def job(tp: int, sp: bool, cp: int) -> JobConfig:
+    def job(tp: int, sp: bool, cp: int, recipe: str = "tensorwise") -> JobConfig:
         return JobConfig(
             data=DataConfig(path="shards", pack=True, pack_capacity=256),
-            model=ModelConfig(**kw),
+            model=ModelConfig(name="Lumos-Tiny/2", latent_size=32, fp8=recipe),
             parallel=ParallelConfig(tp=tp, pp=2, cp=cp, sequence_parallel=sp),
             train=TrainConfig(micro_batch_size=1),
         )
 
     job(2, True, 2)  # 256 tokens = 64 per rank
-    with pytest.raises(ValueError, match=r"num_tokens=256.*multiple of 16 x cp x sp = 512"):
-        job(4, True, 8)
+    with pytest.raises(ValueError, match=r"num_tokens=256.*must be a multiple of 512"):
+        job(4, True, 8)  # 16 rows x 32 ranks
+    job(4, True, 2, "mxfp8")  # 32 rows x 8 ranks = 256
+    with pytest.raises(ValueError, match=r"multiple of 512"):
+        job(4, True, 4, "mxfp8")  # 32 rows x 16 ranks

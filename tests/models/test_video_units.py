@@ -239,5 +239,6 @@ def test_fp8_packs_are_padded_to_16_rows_per_rank():
     assert fp8_pack_length(shapes, 128, 4) == 128
     with pytest.raises(ValueError, match="multiple of 64"):
         fp8_pack_length(shapes, 96, 4)
+    assert fp8_pack_length(shapes, None, 4, rows=32) == 128  # MXFP8: 32-row blocks
     lay = SequenceLayout.for_pack(shapes, [1, 1], pad_to=fp8_pack_length(shapes, None, 1))
     assert lay.total == 32 and lay.segments[-1].pad and lay.num_real_segments == 2

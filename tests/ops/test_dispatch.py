@@ -139,6 +139,11 @@ def test_measurement_is_forward_and_backward_even_from_a_no_grad_forward():
     with torch.no_grad():
         dispatch._fwd_bwd(impl, (x, freqs), {}, dispatch._GRAD_ARGS["rope3d"])()
     assert seen == [(True, True, False), "backward"]
+    seen.clear()
+    with torch.inference_mode():  # sampling: the arguments are inference tensors
+        x, freqs = torch.randn(3, 2), torch.randn(4)
+        dispatch._fwd_bwd(impl, (x, freqs), {}, dispatch._GRAD_ARGS["rope3d"])()
+    assert seen == [(True, True, False), "backward"]
 
 
 def test_a_failing_kernel_times_infinite_and_keeps_the_reference(caplog):

@@ -141,3 +141,19 @@ def test_cuda_device_index_with_one_visible_gpu_per_process():
     assert [cuda_device_index(r, 1) for r in range(4)] == [0, 0, 0, 0]  # --gpus-per-task=1
     with pytest.raises(RuntimeError, match="CUDA_VISIBLE_DEVICES"):
         cuda_device_index(0, 0)
+    with pytest.raises(RuntimeError, match="local rank 4 but only 4 CUDA devices"):
+        cuda_device_index(4, 4)  # two ranks would share a GPU
+
+
+def test_local_world_size_from_env(monkeypatch):
+    from lumos_mcore.parallel.state import local_world_size_from_env
+
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    assert local_world_size_from_env(16) == 16
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4(x2)")  # uneven nodes: not a count
+    assert local_world_size_from_env(16) == 16
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "8")
+    assert local_world_size_from_env(16) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert local_world_size_from_env(16) == 2

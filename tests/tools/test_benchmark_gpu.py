@@ -538,3 +538,20 @@ def test_run_plan_cuts_rows_that_would_overrun_the_budget(bench, tmp_path, monke
     )
     assert len(progress.skipped) == 2
     assert "not run (time budget" in (tmp_path / "gpu.md").read_text()
+
+
+def test_sdpa_rows_turn_flash_attn_off_and_restore_the_environment(bench, monkeypatch):
+    """On CUDA the local spec's SDPA routes through ops.flash_attention; an sdpa row must not
+    time flash-attn where it is installed."""
+    from lumos_mcore.ops import flash_attention
+
+    monkeypatch.setenv("LUMOS_KERNELS", "auto")
+    monkeypatch.delenv(flash_attention.ENV, raising=False)
+    with bench.kernel_mode(bench.Variant("local", "sdpa")):
+        assert os.environ[flash_attention.ENV] == "sdpa"
+        assert os.environ["LUMOS_KERNELS"] == "torch"
+        assert flash_attention.flash_attn_backend(72) is None
+    assert flash_attention.ENV not in os.environ and os.environ["LUMOS_KERNELS"] == "auto"
+    with bench.kernel_mode(bench.Variant("local", "flash", fused=True)):
+        assert flash_attention.ENV not in os.environ
+        assert os.environ["LUMOS_KERNELS"] == "triton"

@@ -47,7 +47,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor, nn
 
-from lumos_mcore.config.model import ModelConfig
+from lumos_mcore.config.model import ModelConfig, fp8_row_multiple
 from lumos_mcore.models.common.embeddings import (
     CameraEmbedder,
     ConditionEmbedder,
@@ -163,23 +163,23 @@ def _gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-FP8_ROWS = 16  # TE's FP8 GEMMs take row counts that are multiples of 16 (8 forward only)
-
-
-def fp8_pack_length(shapes: list[tuple[int, int, int]], pad_to: int | None, ranks: int) -> int:
+def fp8_pack_length(
+    shapes: list[tuple[int, int, int]], pad_to: int | None, ranks: int, rows: int = 16
+) -> int:
     """Padded length of an FP8 pack of ``(frames, h, w)`` samples split over ``ranks`` (CP x SP).
 
     A pack's token count varies from step to step, and TE asserts when an FP8 GEMM's row count
-    is not a multiple of 16: an unpadded pack would stop the run at the first odd-sized step.
-    Each pack is padded so every rank's share is a multiple of 16 tokens; a fixed length
-    (``pad_to``, pipeline parallelism) must already be one (``JobConfig`` checks it).
+    is not a multiple of ``rows`` (16, MXFP8 32: :func:`~lumos_mcore.config.model.fp8_row_multiple`):
+    an unpadded pack would stop the run at the first odd-sized step. Each pack is padded so every
+    rank's share is a multiple of ``rows`` tokens; a fixed length (``pad_to``, pipeline
+    parallelism) must already be one (``JobConfig`` checks it).
     """
-    multiple = FP8_ROWS * ranks
+    multiple = rows * ranks
     if pad_to is not None:
         if pad_to % multiple:
             raise ValueError(
                 f"FP8 packs of {pad_to} tokens split over {ranks} ranks (cp x sp): the length "
-                f"must be a multiple of {multiple} (16 rows per rank for FP8 GEMMs)"
+                f"must be a multiple of {multiple} ({rows} rows per rank for FP8 GEMMs)"
             )
         return pad_to
     total = sum(f * h * w for f, h, w in shapes)
@@ -319,7 +319,7 @@ class LumosDiT(MegatronModule):
 
         ``shape = (frames, h, w)`` in tokens for an unpacked batch; ``packed_shapes`` (and the
         samples' ``cond_lens``) for a pack, padded to split evenly over the CP x SP ranks (and
-        to ``pad_to`` tokens when given; with FP8 to a multiple of 16 tokens per rank).
+        to ``pad_to`` tokens when given; with FP8 to a multiple of 16 (MXFP8: 32) per rank).
         """
         cp_size = cp_rank = sp_rank = 0
         if parallel_state.model_parallel_is_initialized():
@@ -335,7 +335,8 @@ class LumosDiT(MegatronModule):
         if packed_shapes is not None:
             lens = cond_lens if cond_lens is not None else [0] * len(packed_shapes)
             if self.config.fp8:
-                pad_to = fp8_pack_length(packed_shapes, pad_to, cp_size * sp_size)
+                rows = fp8_row_multiple(self.config.fp8_recipe)
+                pad_to = fp8_pack_length(packed_shapes, pad_to, cp_size * sp_size, rows)
             layout = SequenceLayout.for_pack(packed_shapes, lens, pad_to=pad_to, **kw)
         else:
             layout = SequenceLayout([Segment(*shape)], **kw)
