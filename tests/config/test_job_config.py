@@ -59,6 +59,7 @@ def test_allowed_pack_layouts():
 
 def test_fp8_packs_under_pp_need_a_length_fp8_can_split():
     """Under PP every pack is model.num_tokens long (Lumos-Tiny/2 at latent 32: 256 tokens)."""
+
     def job(tp: int, sp: bool, cp: int, recipe: str = "tensorwise") -> JobConfig:
         return JobConfig(
             data=DataConfig(path="shards", pack=True, pack_capacity=256),
