@@ -43,6 +43,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
+from lumos_mcore.ops.tensor_memo import memo_on
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -52,6 +54,7 @@ __all__ = [
     "MAX_BATCH",
     "FlashAttnCoreAttention",
     "FlashBackend",
+    "attend_mask",
     "attention",
     "flash_attn_backend",
     "varlen_attention",
@@ -267,13 +270,19 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) ->
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _key_padding(mask: Tensor, batch: int, lk: int) -> Tensor | None:
-    """``[B', Lk]`` keep-mask when ``mask`` is a boolean key-padding mask, else None."""
+def _key_padding(mask: Tensor, batch: int, lk: int) -> tuple[Tensor, Tensor, int] | None:
+    """Varlen form of a boolean key-padding mask ``[B'|1, 1, 1, Lk]`` (True = attend): the
+    flat ``[B'*Lk]`` indices of the valid keys, ``cu_seqlens_k [B'+1]`` and the longest row;
+    None for any other mask. Reads the mask back to the host (memoised by the caller)."""
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1:3] != (1, 1):
         return None
     if mask.shape[-1] != lk or mask.shape[0] not in (1, batch):
         return None
-    return mask.reshape(mask.shape[0], lk).expand(batch, lk)
+    keep = mask.reshape(mask.shape[0], lk).expand(batch, lk)  # [B', Lk]
+    lens = keep.sum(-1, dtype=torch.int32)  # [B'] valid keys per row
+    cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # [B'+1]
+    index = keep.reshape(-1).nonzero().squeeze(1)  # [total_k]
+    return index, cu_k, int(lens.max())
 
 
 def attention(
@@ -298,14 +307,18 @@ def attention(
         backend = flash_attn_backend(q.shape[-1])
     batch = q.shape[0]
     if batch <= MAX_BATCH:
-        return _attention(q, k, v, mask, scale, backend, deterministic)
-    split_mask = mask is not None and mask.dim() == q.dim() and mask.shape[0] != 1
+        return _attention(q, k, v, mask, 0, scale, backend, deterministic)
     outs = []
     for i in range(0, batch, MAX_BATCH):
         rows = slice(i, i + MAX_BATCH)
-        m = mask[rows] if split_mask else mask
-        outs.append(_attention(q[rows], k[rows], v[rows], m, scale, backend, deterministic))
+        outs.append(_attention(q[rows], k[rows], v[rows], mask, i, scale, backend, deterministic))
     return torch.cat(outs)  # [B', np, Lq, hn]
+
+
+def attend_mask(attention_mask: Tensor) -> Tensor:
+    """megatron's mask (True = masked out) as SDPA's (True = attend): one tensor per mask, so
+    the varlen form :func:`attention` derives from it is built once for all layers."""
+    return memo_on((attention_mask,), "attend", lambda: ~attention_mask.bool())
 
 
 def _attention(
@@ -313,32 +326,40 @@ def _attention(
     k: Tensor,
     v: Tensor,
     mask: Tensor | None,
+    start: int,
     scale: float,
     backend: FlashBackend | None,
     deterministic: bool,
 ) -> Tensor:
-    """:func:`attention` on one chunk of at most :data:`MAX_BATCH` rows."""
+    """:func:`attention` on the chunk of at most :data:`MAX_BATCH` rows from ``start``;
+    ``mask`` is the caller's whole mask (its rows from ``start`` apply unless it broadcasts)."""
     bq, np_, lq, hn = q.shape
-    keep = None if mask is None else _key_padding(mask, bq, k.shape[2])
-    if backend is None or not backend.accepts(q, k, v) or (mask is not None and keep is None):
-        return _sdpa(q, k, v, mask, scale)
+    if mask is not None and mask.dim() == q.dim() and mask.shape[0] != 1:
+        chunk = mask[start : start + bq]  # the chunk's rows of a per-row mask
+    else:
+        chunk = mask
+    if backend is None or not backend.accepts(q, k, v):
+        return _sdpa(q, k, v, chunk, scale)
     flags = _flags(deterministic)
     qf, kf, vf = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B', L, h, hn]
-    if keep is None:
+    if mask is None:
         out = _first(backend.func(qf, kf, vf, softmax_scale=scale, causal=False, **flags))
         return out.transpose(1, 2)  # [B', np, Lq, hn]
-    lens = keep.sum(-1, dtype=torch.int32)  # [B'] valid keys per row
-    cu_k = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))  # [B'+1]
+    lk = k.shape[2]
+    varlen = memo_on((mask,), ("key_padding", start, bq, lk), lambda: _key_padding(chunk, bq, lk))
+    if varlen is None:  # not a key-padding mask
+        return _sdpa(q, k, v, chunk, scale)
+    index, cu_k, max_k = varlen
     cu_q = torch.arange(0, (bq + 1) * lq, lq, dtype=torch.int32, device=q.device)  # [B'+1]
     out = _first(
         backend.varlen(
             qf.reshape(bq * lq, np_, hn),
-            kf[keep],  # [total_k, ng, hn]
-            vf[keep],
+            kf.reshape(bq * lk, *kf.shape[2:]).index_select(0, index),  # [total_k, ng, hn]
+            vf.reshape(bq * lk, *vf.shape[2:]).index_select(0, index),
             cu_q,
             cu_k,
             lq,
-            int(lens.max()),
+            max_k,
             softmax_scale=scale,
             causal=False,
             **flags,
@@ -347,23 +368,37 @@ def _attention(
     return out.view(bq, lq, np_, hn).transpose(1, 2)  # [B', np, Lq, hn]
 
 
-def _cu_seqlens(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, q: Tensor, k: Tensor):
+def _cu_seqlens(
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, q: Tensor, k: Tensor
+) -> tuple[Tensor, Tensor, list[int], list[int]]:
     """``cu_seqlens`` as flash-attn reads them (contiguous int32 on the inputs' device), checked
     against the token counts: flash-attn trusts them and reads past the tensors otherwise (e.g.
-    an image pack's ``cu_seqlens`` given to cross-attention over condition tokens)."""
+    an image pack's ``cu_seqlens`` given to cross-attention over condition tokens); also their
+    boundaries as ints. The check reads the tensors back to the host, so it is memoised on
+    them: every layer passes the same ones."""
     cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.int32).contiguous()  # [n+1]
     cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.int32).contiguous()  # [n+1]
+    tq, tk = q.shape[0], k.shape[0]
+    bq, bk = memo_on(
+        (cu_seqlens_q, cu_seqlens_k),
+        ("cu_seqlens", tq, tk),
+        lambda: _checked_bounds(cu_q, cu_k, tq, tk),
+    )
+    return cu_q, cu_k, bq, bk
+
+
+def _checked_bounds(cu_q: Tensor, cu_k: Tensor, tq: int, tk: int) -> tuple[list[int], list[int]]:
     if cu_q.dim() != 1 or cu_q.numel() < 2 or cu_q.shape != cu_k.shape:
         raise ValueError(
             f"cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} must both "
             "be [samples + 1]"
         )
-    end_q, end_k = torch.stack((cu_q[-1], cu_k[-1])).tolist()
-    if end_q != q.shape[0]:
-        raise ValueError(f"cu_seqlens_q ends at {end_q} but the queries hold {q.shape[0]} tokens")
-    if end_k != k.shape[0]:
-        raise ValueError(f"cu_seqlens_k ends at {end_k} but the keys hold {k.shape[0]} tokens")
-    return cu_q, cu_k
+    bq, bk = torch.stack((cu_q, cu_k)).tolist()
+    if bq[-1] != tq:
+        raise ValueError(f"cu_seqlens_q ends at {bq[-1]} but the queries hold {tq} tokens")
+    if bk[-1] != tk:
+        raise ValueError(f"cu_seqlens_k ends at {bk[-1]} but the keys hold {tk} tokens")
+    return bq, bk
 
 
 def varlen_attention(
@@ -387,10 +422,10 @@ def varlen_attention(
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if backend is None and q.is_cuda:
         backend = flash_attn_backend(q.shape[-1])
-    cu_q, cu_k = _cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k)  # [n+1] each
+    cu_q, cu_k, bq, bk = _cu_seqlens(cu_seqlens_q, cu_seqlens_k, q, k)  # [n+1] each, ints
     if backend is not None and backend.accepts(q, k, v):
-        max_q = max_seqlen_q or int((cu_q[1:] - cu_q[:-1]).max())
-        max_k = max_seqlen_k or int((cu_k[1:] - cu_k[:-1]).max())
+        max_q = max_seqlen_q or max(b - a for a, b in zip(bq, bq[1:]))
+        max_k = max_seqlen_k or max(b - a for a, b in zip(bk, bk[1:]))
         out = backend.varlen(
             q,
             k,
@@ -404,7 +439,6 @@ def varlen_attention(
             **_flags(deterministic),
         )
         return _first(out)  # [tq, np, hn]
-    bq, bk = cu_q.tolist(), cu_k.tolist()
     outs = []
     for i in range(len(bq) - 1):  # SDPA per sample of the pack
         qs = q[bq[i] : bq[i + 1]].transpose(0, 1)[None]  # [1, np, tq_i, hn]
@@ -487,7 +521,7 @@ class FlashAttnCoreAttention(MegatronModule):
             key = gather_from_sequence_parallel_region(key, True, group=self.cp_group)
             value = gather_from_sequence_parallel_region(value, True, group=self.cp_group)
         sq, b, np_, hn = query.shape
-        mask = None if attention_mask is None else ~attention_mask.bool()  # True = attend
+        mask = None if attention_mask is None else attend_mask(attention_mask)  # True = attend
         out = attention(
             query.permute(1, 2, 0, 3),  # [b, np, sq, hn]
             key.permute(1, 2, 0, 3),  # [b, ng, sk, hn]

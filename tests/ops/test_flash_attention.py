@@ -552,3 +552,92 @@ def test_torch_deterministic_algorithms_reach_flash_attn(config, monkeypatch):
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
     fa.attention(q, k, v, None, 0.3, backend)
     assert [flags for _, _, flags in calls] == [{"deterministic": True}, {}]
+
+
+# --- host reads once per mask / cu_seqlens --------------------------------------------------
+
+
+def _counting(monkeypatch, name):
+    calls = []
+    real = getattr(fa, name)
+
+    def wrapper(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(fa, name, wrapper)
+    return calls
+
+
+def test_key_padding_varlen_form_is_built_once_for_all_layers(config, monkeypatch):
+    """Every cross-attention layer gets the same mask: its varlen form (a host read) is built
+    by the first; an in-place change or a new mask builds it again, results stay exact."""
+    g = torch.Generator().manual_seed(11)
+    flash = build(config, monkeypatch, FAKE, "cross")
+    sdpa = SDPACoreAttention(config, layer_number=1, attention_type="cross")
+    builds = _counting(monkeypatch, "_key_padding")
+    q, k, v = qkv(g, 5, 6, 3, requires_grad=False)
+    mask = torch.zeros(3, 1, 1, 6, dtype=torch.bool)  # True = masked
+    mask[0, ..., 4:] = True
+    mask[1, ..., 1] = True
+    for _ in range(3):  # three layers
+        torch.testing.assert_close(flash(q, k, v, mask), sdpa(q, k, v, mask), rtol=1e-10, atol=0)
+    assert len(builds) == 1
+    mask[2, ..., 3:] = True  # written in place: rebuilt
+    torch.testing.assert_close(flash(q, k, v, mask), sdpa(q, k, v, mask), rtol=1e-10, atol=0)
+    other = mask.clone()
+    other[0, ..., 4:] = False
+    torch.testing.assert_close(flash(q, k, v, other), sdpa(q, k, v, other), rtol=1e-10, atol=0)
+    assert len(builds) == 3
+
+
+def test_cu_seqlens_are_checked_once_per_pack(config, monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    flash = build(config, monkeypatch, FAKE)
+    checks = _counting(monkeypatch, "_checked_bounds")
+    q, k, v = (t[:, 0] for t in qkv(g, 10, 10, 1, requires_grad=False))
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    outs = [flash(q, k, v, None, packed_seq_params=psp) for _ in range(3)]
+    assert len(checks) == 1
+    torch.testing.assert_close(outs[2], outs[0], rtol=0, atol=0)
+    want = _attend(q[3:8], k[3:8], v[3:8], HN**-0.5).reshape(5, NP * HN)
+    torch.testing.assert_close(outs[0][3:8], want, rtol=1e-10, atol=1e-10)
+    bad = torch.tensor([0, 3, 9], dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=bad, cu_seqlens_kv=bad)
+    for _ in range(2):  # a failed check is not remembered as passed
+        with pytest.raises(ValueError, match="ends at 9"):
+            flash(q, k, v, None, packed_seq_params=psp)
+
+
+def test_packed_cross_attention_masks_are_built_once_per_forward(monkeypatch):
+    """SDPACoreAttention's packed cross-attention routed to flash-attn (as on CUDA): padded
+    condition tokens become one varlen form per sample group and forward, not per layer."""
+    from lumos_mcore.models.dit import attention as dit_attention
+    from lumos_mcore.models.dit.layout import SequenceLayout
+
+    monkeypatch.setattr(
+        dit_attention, "_sdpa", lambda q, k, v, m, s: fa.attention(q, k, v, m, s, FAKE)
+    )
+    builds = _counting(monkeypatch, "_key_padding")
+    g = torch.Generator().manual_seed(13)
+    cond_lens = [3, 4]
+    lc = sum(cond_lens)
+    valid = torch.tensor([True, True, False, True, False, True, True])  # padding inside samples
+    layout = SequenceLayout.for_pack([(1, 2, 2), (1, 2, 3)], cond_lens).bind(context_valid=valid)
+    q = torch.randn(layout.local_tokens, 1, NP, HN, generator=g, dtype=torch.float64)
+    k = torch.randn(lc, 1, NP, HN, generator=g, dtype=torch.float64)
+    v = torch.randn(lc, 1, NP, HN, generator=g, dtype=torch.float64)
+    outs = [dit_attention._packed_cross_attention(q, k, v, layout, HN**-0.5) for _ in range(3)]
+    assert len(builds) == len(layout.groups)
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    starts = [0, 4]
+    for (c0, n), t0 in zip(((0, 3), (3, 4)), starts):
+        keep = valid[c0 : c0 + n]
+        rows = slice(t0, t0 + (4 if t0 == 0 else 6))
+        want = _attend(q[rows, 0], k[c0 : c0 + n][keep, 0], v[c0 : c0 + n][keep, 0], HN**-0.5)
+        torch.testing.assert_close(outs[0][rows, 0], want, rtol=1e-10, atol=1e-10)
+    fresh = layout.bind(context_valid=valid)  # the next forward builds its own
+    dit_attention._packed_cross_attention(q, k, v, fresh, HN**-0.5)
+    assert len(builds) == 2 * len(layout.groups)

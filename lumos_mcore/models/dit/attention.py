@@ -44,6 +44,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import Tensor, nn
 
 from lumos_mcore.models.dit.layout import SequenceLayout
+from lumos_mcore.ops.flash_attention import attend_mask
 
 __all__ = ["PATTERNS", "SDPACoreAttention", "core_attention_sharded_state_dict", "layout_attention"]
 
@@ -210,12 +211,18 @@ def _packed_cross_attention(
         kk = k.permute(0, 2, 3, 1, 4).reshape(g * b, k.shape[3], lc, hn)
         vv = v.permute(0, 2, 3, 1, 4).reshape(g * b, v.shape[3], lc, hn)
         mask = None
-        if valid is not None:
-            keep = valid[c0 : c0 + g * lc].reshape(g, 1, 1, 1, lc).expand(g, b, 1, 1, lc)
-            mask = keep.reshape(g * b, 1, 1, lc)  # True = attend
+        if valid is not None:  # one mask per group and forward: flash-attn memoises on it
+            mask = layout._memoised(
+                f"cross_keep:{p.local}:{b}", partial(_group_keep, valid, c0, g, lc, b)
+            )  # [G*b, 1, 1, lc], True = attend
         out = _sdpa(qq, kk, vv, mask, scale)  # [G*b, np, n, hn]
         outs.append(out.reshape(g, b, np_, n, hn).permute(0, 3, 1, 2, 4).flatten(0, 1))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # [s_loc, b, np, hn]
+
+
+def _group_keep(valid: Tensor, c0: int, g: int, lc: int, b: int) -> Tensor:
+    keep = valid[c0 : c0 + g * lc].reshape(g, 1, 1, 1, lc).expand(g, b, 1, 1, lc)
+    return keep.reshape(g * b, 1, 1, lc)  # [G*b, 1, 1, lc]
 
 
 def _all_gather(x: Tensor, group, order: Tensor | None) -> Tensor:
@@ -371,7 +378,7 @@ class SDPACoreAttention(MegatronModule):
         v = value.permute(1, 2, 0, 3)  # [b, ng, sk, hn]
         mask = None
         if attention_mask is not None:
-            mask = ~attention_mask.bool()  # [b|1, 1|np, sq|1, sk], True = attend
+            mask = attend_mask(attention_mask)  # [b|1, 1|np, sq|1, sk], True = attend
         if attention_bias is not None:
             bias = attention_bias.to(q.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
