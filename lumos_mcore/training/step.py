@@ -220,7 +220,8 @@ class DiffusionForwardStep:
             t0 = self.objective.model_timesteps(torch.zeros_like(t))  # [B]
             model_t = torch.cat([t0[:, None], model_t[:, None].expand(-1, frames - 1)], dim=1)
             mask = (~is_cond).float()[None, None, :, None]  # [1, 1, s, 1]
-            kept_local = int((~is_cond).sum())
+            first = sum(layout.local_first_frame_tokens(i) for i in range(len(layout.segments)))
+            kept_local = layout.local_tokens - first  # host arithmetic: no GPU read-back
             kept_total = layout.total - h * w
         weight = torch.full((x0.shape[0],), kept_local / kept_total, device=dev)
 
@@ -303,11 +304,15 @@ class DiffusionForwardStep:
             x_t = torch.where(is_cond[:, None], x0, x_t)
         model_t = torch.cat(model_t_frames)[None]  # [1, F]
 
-        # Regroup the local tokens per sample for the per-sample loss.
-        rows = [torch.nonzero(tok_seg == i).flatten() for i in range(n)]
-        kept_local = torch.tensor(
-            [int((~is_cond[r]).sum()) for r in rows], dtype=torch.float32, device=dev
-        )
+        # Regroup the local tokens per sample for the per-sample loss (from the layout on the
+        # host: reading token masks back would stall the GPU once per sample).
+        host_rows = [layout.local_rows(i) for i in range(n)]
+        rows = [torch.tensor(r, dtype=torch.long).to(dev, non_blocking=True) for r in host_rows]
+        kept = [
+            len(r) - (layout.local_first_frame_tokens(i) if conditioned[i] else 0)
+            for i, r in enumerate(host_rows)
+        ]
+        kept_local = torch.tensor(kept, dtype=torch.float32, device=dev)
         kept_total = torch.tensor(
             [
                 s.num_tokens - (s.frame_tokens if conditioned[i] else 0)

@@ -144,6 +144,20 @@ def test_layout_shards_partition_the_sequence(mode):
             assert lay.local_coords[n].tolist() == token_coords(*shapes[seg])[rel].tolist()
 
 
+@pytest.mark.parametrize("mode, cp", [("contiguous", 1), ("contiguous", 3), ("zigzag", 2)])
+def test_host_rows_and_first_frame_counts_match_the_token_tensors(mode, cp):
+    """The loss regroups a pack's tokens per sample from host-side counts; they equal what the
+    per-token tensors say on every rank (so no GPU value is read back per sample)."""
+    shapes = [(3, 2, 4), (1, 4, 4), (2, 2, 2)]  # 24, 16, 8 tokens: pieces cut frames under CP
+    for r in range(cp):
+        lay = SequenceLayout.for_pack(shapes, [1, 2, 3], cp_size=cp, cp_rank=r, cp_mode=mode)
+        for i in range(len(lay.segments)):
+            want = torch.nonzero(lay.local_segment == i).flatten().tolist()
+            assert lay.local_rows(i) == want
+            first = (lay.local_segment == i) & (lay.local_coords[:, 0] == 0)
+            assert lay.local_first_frame_tokens(i) == int(first.sum())
+
+
 def test_pack_is_padded_for_even_shares():
     lay = SequenceLayout.for_pack([(1, 3, 3)], [1], cp_size=2, sp_size=2)
     assert lay.total == 12 and lay.segments[-1] == Segment(1, 1, 3, pad=True)

@@ -266,6 +266,23 @@ class SequenceLayout:
             out[p.local : p.local + p.size] = token_coords(*seg.shape, index=rel)
         return out.to(self._device)
 
+    def local_rows(self, segment: int) -> list[int]:
+        """Local token indices of ``segment``, ascending (host ints: no GPU read-back)."""
+        rows: list[int] = []
+        for p in self.pieces:
+            if p.segment == segment:
+                rows.extend(range(p.local, p.local + p.size))
+        return rows
+
+    def local_first_frame_tokens(self, segment: int) -> int:
+        """How many of ``segment``'s local tokens lie in its first frame (host arithmetic)."""
+        seg, off = self.segments[segment], self.offsets[segment]
+        n = 0
+        for p in self.pieces:
+            if p.segment == segment:
+                n += max(0, min(p.end - off, seg.frame_tokens) - (p.start - off))
+        return n
+
     @cached_property
     def local_frame(self) -> Tensor:
         """Global frame id (across the pack) of each local token ``[S/cp]``."""
