@@ -231,9 +231,10 @@ class DiffusionForwardStep:
             tokens = concat_token_channels(x_t, layout.shard(patchify(view, p), dim=1), p)
         cond_mask = batch.get("cond_mask")
         if cond_mask is not None:
-            cond_mask = cond_mask.to(dev, non_blocking=True)  # [B, Lc]
-            if bool(cond_mask.all()):
+            if bool(cond_mask.all()):  # checked before the copy: no GPU read-back
                 cond_mask = None  # no padding: skip masking work
+            else:
+                cond_mask = cond_mask.to(dev, non_blocking=True)  # [B, Lc]
         inputs = dict(
             tokens=tokens,
             layout=layout,
