@@ -139,6 +139,9 @@ class Trainer:
         self.ema = EMA(self.chunks, job.train.ema_decay) if job.train.ema_decay > 0 else None
         self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last)
         self.step = 0
+        # Data position of step 0: step k reads positions ``first_sample + k * GB``. Nonzero
+        # after a resume at another global batch size (the checkpoint's consumed_samples wins).
+        self.first_sample = 0
         self.init_report: WeightsReport | None = None  # set by a checkpoint.init_from load
         self._resume()
         self.data = self._build_data()
@@ -265,7 +268,7 @@ class Trainer:
         if self._packed is None:
             return self.tokens_per_step, self.model_flop_per_step, self.hardware_flop_per_step
         tokens = model = hardware = 0.0
-        for size in self._packed.step_sample_sizes(step * self.job.train.global_batch_size):
+        for size in self._packed.step_sample_sizes(self.consumed_samples_at(step)):
             f = self._flops_by_size.get(size)
             if f is None:
                 m = self.job.model
@@ -363,7 +366,7 @@ class Trainer:
                 micro_batch_size=job.train.micro_batch_size,
                 dp_rank=self.info.dp_rank,
                 dp_size=self.info.dp_size,
-                consumed_samples=self.step * job.train.global_batch_size,
+                consumed_samples=self.consumed_samples_at(self.step),
             )
         if job.media is not None:
             from lumos_mcore.encoders.frozen import OnlineEncodingIterator
@@ -409,7 +412,7 @@ class Trainer:
             token_multiple=2 * cp if zigzag else 1,
             # megatron's interleaved schedule runs a multiple of pp micro-batches.
             micro_batch_multiple=self.info.pp_size if self.info.vpp_size else 1,
-            consumed_samples=self.step * job.train.global_batch_size,
+            consumed_samples=self.consumed_samples_at(self.step),
             **media,
         )
         self._packed = packed
@@ -451,13 +454,21 @@ class Trainer:
             return
         state = self.checkpointer.load(path, self.chunks, self.optimizer, self.scheduler, self.ema)
         self.step = int(state["step"])
+        gbs = job.train.global_batch_size
+        consumed = int(state.get("consumed_samples", self.step * gbs))
+        self.first_sample = consumed - self.step * gbs
         if dist.get_rank() == 0:
-            log.info("resumed from %s at step %d", path, self.step)
+            log.info("resumed from %s at step %d (%d samples consumed)", path, self.step, consumed)
+
+    def consumed_samples_at(self, step: int) -> int:
+        """Data position where ``step`` (0-based) starts: a resume continues with the samples
+        the run would have read next even when ``train.global_batch_size`` changed."""
+        return self.first_sample + step * self.job.train.global_batch_size
 
     def save(self) -> str:
         state = {
             "step": self.step,
-            "consumed_samples": self.step * self.job.train.global_batch_size,
+            "consumed_samples": self.consumed_samples_at(self.step),
             "model_config": config_to_dict(self.job.model),
             "job": config_to_dict(self.job),
         }
@@ -473,6 +484,7 @@ class Trainer:
         it = with_positions(
             self.data,
             start_step=self.step,
+            first_sample=self.first_sample,
             num_microbatches=self.num_microbatches,
             global_batch_size=self.job.train.global_batch_size,
             dp_rank=self.info.dp_rank,

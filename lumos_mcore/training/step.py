@@ -113,11 +113,13 @@ def with_positions(
     global_batch_size: int,
     dp_rank: int,
     dp_size: int,
+    first_sample: int = 0,
 ) -> Iterator[dict]:
     """Attach each sample's global position (``"position"`` ``[B]`` long) to the micro-batches.
 
     Micro-batch ``m`` of step ``s`` on DP rank ``r`` covers positions
-    ``s * GB + r * GB / dp + m * mbs + [0, mbs)`` — the same layout the data sampler uses.
+    ``first_sample + s * GB + r * GB / dp + m * mbs + [0, mbs)`` — the same layout the data
+    sampler uses (``first_sample``: position of step 0, nonzero after a resume at another GB).
     Batches that already carry ``"position"`` (packs, whose sample count varies) keep it.
     """
     per_rank = global_batch_size // dp_size
@@ -130,7 +132,7 @@ def with_positions(
                 if isinstance(batch["latent"], list)
                 else batch["latent"].shape[0]
             )
-            start = step * global_batch_size + dp_rank * per_rank + m * b
+            start = first_sample + step * global_batch_size + dp_rank * per_rank + m * b
             batch["position"] = torch.arange(start, start + b)
         k += 1
         yield batch
