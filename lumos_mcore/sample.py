@@ -336,7 +336,8 @@ def generate(
     batches this rank ran (all of them with one rank).
 
     Samples are ordered condition-major (condition 0's samples first). Latents are float32 on
-    CPU, ``[b, C, (T,) H, W]``; I2V samples keep the input latent as their first frame.
+    CPU, ``[b, C, (T,) H, W]``; I2V samples keep the input latent as their first frame when
+    the model was trained with first-frame conditioning (else frame 0 is sampled too).
     """
     device = torch.device(device)
     name = sampler or ("dpm++2m" if diffusion.objective == "ddpm" else "euler")
@@ -352,6 +353,12 @@ def generate(
 
         bar = tqdm(total=len(mine) * n_steps, desc=f"{name} x{n_steps}", unit="step")
     shape = info.latent_shape(latent_size)
+    pin_first = info.is_video and info.first_frame_condition
+    if info.is_video and conds.input_latent is not None and not pin_first and rank == 0:
+        log.warning(
+            "the input latent is not used: this I2V model was trained without first-frame "
+            "conditioning (first_frame_condition=false), frame 0 is generated like the others"
+        )
     out: dict[int, Tensor] = {}
     for k in mine:
         idx = owner[k * batch_size : (k + 1) * batch_size]
@@ -363,7 +370,7 @@ def generate(
             "camera": conds.camera[idx].to(device) if conds.camera is not None else None,
         }
         known_x0 = known_mask = None
-        if conds.input_latent is not None:
+        if conds.input_latent is not None and (pin_first or not info.is_video):
             first = conds.input_latent[idx].to(device)  # [b, C, H, W]
             if info.is_video:
                 known_x0 = torch.zeros((len(idx), *shape), device=device)

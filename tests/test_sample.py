@@ -271,6 +271,34 @@ def test_i2v_keeps_the_first_frame_and_writes_video(hf_model, tiny_vae, tmp_path
             assert sum(1 for _ in container.decode(video=0)) == frames
 
 
+def test_i2v_without_first_frame_conditioning_samples_every_frame(hf_model, tmp_path, caplog):
+    """Trained with frame 0 noised like the rest (``first_frame_condition=false``), the sampler
+    must not pin a clean frame 0 the model never saw: one timestep per sample, all frames drawn."""
+    frames = 3
+    config = dict(hf_model.config) | {
+        "variant": "i2v",
+        "num_frames": frames,
+        "first_frame_condition": False,
+    }
+    model = Adapter(hf_model, config=config)
+    first = torch.randn(1, 4, LATENT, LATENT)
+    np.save(tmp_path / "first.npy", first.numpy())
+    np.save(tmp_path / "cond.npy", np.ones((1, 16), np.float32) / 4)
+    with caplog.at_level("WARNING", logger="lumos_mcore.sample"):
+        main(
+            ["--model", "unused", "--cond", str(tmp_path / "cond.npy"), "--input-latent",
+             str(tmp_path / "first.npy"), "--sampler", "dpm++2m", "--steps", "3",
+             "--num-samples", "2", "--out", str(tmp_path / "v"), "--no-progress"],
+            loader=lambda path, **kw: model,
+        )  # fmt: skip
+    assert "input latent is not used" in caplog.text
+    lat = torch.from_numpy(np.load(tmp_path / "v" / "latents.npy"))
+    assert lat.shape == (2, 4, frames, LATENT, LATENT)
+    assert (lat[:, :, 0] - first).abs().mean() > 0.1  # frame 0 is generated, not copied
+    for call in model.calls:
+        assert call["t"].shape == (4,) and bool((call["t"] > 0).all())
+
+
 def test_nvs_camera_and_input_view_reach_the_model(hf_model, tmp_path):
     model = Adapter(hf_model, config=dict(hf_model.config) | {"variant": "nvs"})
     np.save(tmp_path / "cond.npy", np.ones((1, 16), np.float32) / 4)
