@@ -35,7 +35,7 @@ class DiffusionConfig:
     vlb_weight: float = 1.0
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0
-    flow_shift: float = 1.0
+    flow_shift: float = 1.0  # t -> s·t / (1 + (s-1)·t): training draws and sampling grid alike
     cond_dropout: float = 0.1
 
     def model_out_channels(self, in_channels: int) -> int:

@@ -56,10 +56,14 @@ class FlowMatching(DiffusionObjective):
         )
 
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
-        """Logit-normal t in (0, 1) (float32 ``[B]``)."""
+        """Logit-normal t in (0, 1), then shifted by ``shift`` (float32 ``[B]``).
+
+        The shift moves training time toward noise exactly as it bends the sampling grid
+        (SD3's resolution-dependent shift is applied to both), so one setting means one thing.
+        """
         device = generator.device if generator is not None else torch.device("cpu")
         n = torch.randn(batch_size, generator=generator, device=device, dtype=torch.float32)
-        return torch.sigmoid(n * self.logit_std + self.logit_mean)
+        return shift_time(torch.sigmoid(n * self.logit_std + self.logit_mean), self.shift)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = (1 - t)·x0 + t·ε."""

@@ -86,3 +86,14 @@ def test_shift_time():
     s = shift_time(t, 3.0)
     torch.testing.assert_close(s, 3 * t / (1 + 2 * t))
     assert s[0] == 0 and s[-1] == 1 and torch.all(s[1:-1] > t[1:-1])
+
+
+def test_shift_applies_to_training_time_as_to_sampling():
+    """``diffusion.flow_shift`` moves the training draws exactly as it bends the sampler's
+    grid: the shifted draw is shift_time of the unshifted one, and pulls mass toward noise."""
+    plain = _flow().sample_timesteps(4096, generator=torch.Generator().manual_seed(3))
+    shifted = _flow(flow_shift=3.0).sample_timesteps(
+        4096, generator=torch.Generator().manual_seed(3)
+    )
+    torch.testing.assert_close(shifted, shift_time(plain, 3.0))
+    assert shifted.median() > plain.median() + 0.1 and shifted.max() < 1
