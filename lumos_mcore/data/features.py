@@ -185,6 +185,7 @@ class FeatureDataset(ShardFiles):
             collections.Counter
         )
         self._logged: set[str] = set()
+        self.required_latent_shape: tuple[int, ...] | None = None  # see require_latent_shape
         self._init_runtime()
 
     # ---- metadata ----
@@ -228,6 +229,52 @@ class FeatureDataset(ShardFiles):
             index, BadSampleError(reason, self.key(index), self.shard_path(index), detail)
         )
 
+    def require_latent_shape(self, shape: tuple[int, ...] | None = None) -> tuple[int, ...] | None:
+        """Unpacked micro-batches stack latents, so one shape must hold for the whole run: make
+        every sample of another shape a counted ``bad_shape`` sample (the sampler replaces it)
+        rather than a crash when its micro-batch is collated.
+
+        ``shape`` None: the most common shape recorded in index.json. Samples recording another
+        shape are rejected now (no read), unrecorded ones when read. Returns the shape (None
+        when nothing is recorded and none was given). A dataset of several shapes in more than
+        ``data.max_bad_fraction`` of its samples is refused: it needs ``data.pack=true``.
+        """
+        table = self._latent_shapes.astype(np.int64)  # [N, 4], -1 padded
+        known = (table >= 0).any(1)  # [N]
+        if shape is None:
+            if not known.any():
+                return None
+            rows, counts = np.unique(table[known], axis=0, return_counts=True)
+            shape = tuple(int(v) for v in rows[counts.argmax()] if v >= 0)
+        shape = tuple(int(v) for v in shape)
+        want = np.full(table.shape[1], -1, dtype=np.int64)
+        want[: len(shape)] = shape
+        other = np.flatnonzero(known & (table != want).any(1))  # [n_other]
+        if len(other) > self.cfg.max_bad_fraction * len(self):
+            found = collections.Counter(
+                tuple(int(v) for v in table[i] if v >= 0) for i in np.flatnonzero(known)
+            )
+            raise ValueError(
+                f"data.path={self.cfg.path}: latents of several shapes {dict(found.most_common(8))}; "
+                f"unpacked micro-batches need one shape ({shape} here). Set data.pack=true "
+                "(with data.pack_capacity) to train on mixed sizes, or write one dataset per size"
+            )
+        self.required_latent_shape = shape
+        for i in other.tolist():
+            self.reject(
+                i, "bad_shape", f"latent shape {_recorded_shape(self._latent_shapes, i)}; the run "
+                f"trains unpacked micro-batches of {shape}"
+            )  # fmt: skip
+        if len(other):
+            logger.warning(
+                "data.path=%s: %d samples of a latent shape other than %s skipped as bad_shape "
+                "(unpacked micro-batches need one shape; data.pack=true trains mixed sizes)",
+                self.cfg.path,
+                len(other),
+                shape,
+            )
+        return shape
+
     def is_known_bad(self, index: int) -> bool:
         return int(index) in self._bad
 
@@ -266,6 +313,9 @@ class FeatureDataset(ShardFiles):
             raise fail("bad_shape", f"latent shape {latent.shape}; dataset has {channels} channels")
         if cond.ndim != 2 or cond.shape[0] < 1 or (dim and cond.shape[1] != dim):
             raise fail("bad_shape", f"cond shape {cond.shape}; expected [Lc>=1, {dim}]")
+        need = self.required_latent_shape
+        if need is not None and latent.shape != need:
+            raise fail("bad_shape", f"latent shape {latent.shape}; the run trains unpacked {need}")
         for name, arr, rec in (
             (LATENT, latent, _recorded_shape(self._latent_shapes, index)),
             (COND, cond, _recorded_shape(self._cond_shapes, index)),

@@ -354,6 +354,8 @@ class Trainer:
             )
         else:
             self.dataset = FeatureDataset(job.data)
+            if not job.data.pack:  # stacked micro-batches: one latent shape for the run
+                self.dataset.require_latent_shape()
         # validation.holdout: training never sees the held-out tail (the validator reads it).
         train_set, _ = holdout_split(self.dataset, job)
         source = job.data if job.data is not None else job.media

@@ -208,6 +208,44 @@ def test_mixed_latent_shapes_in_a_batch_name_the_sample(tmp_path: Path) -> None:
     it.close()
 
 
+def test_required_shape_skips_and_counts_odd_samples(tmp_path: Path) -> None:
+    """What the trainer does for unpacked runs: a sample of another latent shape is a counted
+    bad sample, replaced by the next good one (recorded shapes up front, unrecorded on read),
+    so a stray resolution never stops the run."""
+    from lumos_mcore.data.shards import FeatureShardWriter
+
+    root = tmp_path / "ds"
+    with FeatureShardWriter(root, samples_per_shard=8) as w:
+        for i in range(16):
+            size = 12 if i == 3 else 8
+            w.write(np.zeros((4, size, size)), np.zeros((1, 16)), key=f"img{i}")
+    ds = open_dataset(root, shuffle=False, max_bad_fraction=0.2)
+    assert ds.require_latent_shape() == (4, 8, 8)
+    assert ds.bad_counts["bad_shape"] == 1 and ds.is_known_bad(3)  # rejected without a read
+    it = MicroBatchIterator(ds, global_batch_size=4, micro_batch_size=4, dp_rank=0, dp_size=1)
+    batches = [next(it) for _ in range(4)]  # the whole epoch, no crash
+    it.close()
+    assert all(b["latent"].shape == (4, 4, 8, 8) for b in batches)
+    seen = [i for b in batches for i in b["index"].tolist()]
+    assert 3 not in seen and seen[:5] == [0, 1, 2, 4, 4]  # replaced by the next good sample
+    # A shape index.json does not record is caught when the sample is read.
+    fresh = open_dataset(root, shuffle=False, max_bad_fraction=0.2)
+    fresh._latent_shapes[3] = -1  # as if index.json recorded no shape for it
+    fresh.require_latent_shape((4, 8, 8))
+    assert fresh.get_or_none(3) is None and fresh.bad_counts["bad_shape"] == 1
+
+
+def test_required_shape_refuses_a_mixed_size_dataset(tmp_path: Path) -> None:
+    from lumos_mcore.data.shards import FeatureShardWriter
+
+    root = tmp_path / "ds"
+    with FeatureShardWriter(root, samples_per_shard=8) as w:
+        for i in range(16):
+            w.write(np.zeros((4, 8, 8 + 4 * (i % 2))), np.zeros((1, 16)), key=f"img{i}")
+    with pytest.raises(ValueError, match=r"several shapes.*data.pack=true"):
+        open_dataset(root).require_latent_shape()
+
+
 def test_video_latents_and_condition_padding(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     written = write_random_dataset(
