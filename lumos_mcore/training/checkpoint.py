@@ -44,6 +44,9 @@ from lumos_mcore.training.setup import unwrap, use_fused_torch_adamw
 log = logging.getLogger(__name__)
 
 _PARTIAL = ".partial"
+# A step's previous save while a re-save of that step moves in (a name every reader skips,
+# as it contains _PARTIAL); restored by remove_partial when the move never completed.
+_REPLACED = _PARTIAL + ".old"
 # Optimizer state stored per parameter in model space, so a checkpoint reshards across
 # TP / PP / DP like the weights (the distributed optimizer gathers its shards on save).
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -152,6 +155,14 @@ class Checkpointer:
             for p in self.root.glob(f"iter_*{_PARTIAL}"):
                 log.warning("removing incomplete checkpoint %s", p)
                 shutil.rmtree(p, ignore_errors=True)
+            for p in self.root.glob(f"iter_*{_REPLACED}"):
+                final = p.with_name(p.name[: -len(_REPLACED)])
+                if final.is_dir():  # the re-save landed: the old copy is garbage
+                    shutil.rmtree(p, ignore_errors=True)
+                else:  # killed between the two renames: the previous save is still good
+                    log.warning("restoring checkpoint %s (its re-save never completed)", final)
+                    os.replace(p, final)
+            _fsync_dir(self.root)
         dist.barrier()
 
     # -- save ------------------------------------------------------------------------------
@@ -183,9 +194,12 @@ class Checkpointer:
         dist.barrier()
 
         if dist.get_rank() == 0:
-            if final.exists():  # re-saving the same step (e.g. after a resume)
-                shutil.rmtree(final)
+            replaced = self.root / (_iter_dir(step) + _REPLACED)
+            if final.exists():  # re-saving the same step (e.g. after a resume): keep the old
+                shutil.rmtree(replaced, ignore_errors=True)  # copy until the new one is in
+                os.replace(final, replaced)
             os.replace(partial, final)
+            shutil.rmtree(replaced, ignore_errors=True)
             tmp = self.root / (_LATEST + ".tmp")
             tmp.write_text(final.name + "\n")
             with open(tmp) as f:
