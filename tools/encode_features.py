@@ -30,6 +30,7 @@ except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from lumos_mcore.config.loader import load_config
 from lumos_mcore.config.media import MediaDataConfig
+from lumos_mcore.data.features import BadSampleError
 from lumos_mcore.data.media.dataset import MediaDataset
 from lumos_mcore.data.shards import FeatureShardWriter
 from lumos_mcore.encoders.frozen import FrozenEncoders
@@ -51,6 +52,21 @@ def load_media_config(config: str | None, overrides: list[str]) -> MediaDataConf
         return load_config(MediaDataConfig, tmp, overrides)
     finally:
         Path(tmp).unlink()
+
+
+def _plan_of(
+    ds: MediaDataset, by_index: dict[int, dict[str, Any]], index: int, key: str
+) -> dict[str, Any] | None:
+    """The plan of batch row ``index`` / ``key``: the one given to collate, else (a decode
+    replacement) re-read, so the metadata written is the encoded sample's own."""
+    plan = by_index.get(index)
+    if plan is not None and plan["key"] == key:
+        return plan
+    try:
+        plan = ds.plan(index)
+    except BadSampleError:  # it was just planned and decoded; only a racing rewrite gets here
+        return None
+    return plan if plan["key"] == key else None
 
 
 def encode_dataset(
@@ -90,12 +106,19 @@ def encode_dataset(
                     continue
                 raw = ds.collate(unique)
                 feats = enc.encode(raw)
+                # Row j of the batch is sample raw["index"][j]; it differs from the plan put in
+                # when that sample failed to decode (counted in ds.bad_counts) and collate put
+                # another good sample of its chunk in its place, maybe one outside `unique`.
+                by_index = {p["index"]: p for p in unique}
+                bucket = list(raw["pixels"].shape[2:])  # [(T,) H, W] actually encoded
                 for j, key in enumerate(raw["key"]):
                     if key in written:
                         continue
-                    plan = next(p for p in unique if p["key"] == key)
+                    plan = _plan_of(ds, by_index, int(raw["index"][j]), key)
+                    if plan is None:
+                        continue
                     meta = {k: plan["meta"][k] for k in _META_KEYS if k in plan["meta"]}
-                    meta.update(caption=plan["caption"], bucket=list(plan["bucket"].shape[1:]))
+                    meta.update(caption=plan["caption"], bucket=bucket)
                     if plan["camera"] is not None:
                         meta["camera"] = plan["camera"].tolist()
                     writer.write(

@@ -33,6 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 try:
     from lumos_mcore.data.media.probe import MEDIA_EXTS, ProbeError, probe_media
 except ImportError:  # run from a checkout without installing the package
@@ -40,14 +42,26 @@ except ImportError:  # run from a checkout without installing the package
     from lumos_mcore.data.media.probe import MEDIA_EXTS, ProbeError, probe_media
 from lumos_mcore.data.media.shards import MediaShardWriter, build_media_index
 
+# Entry field set by list_folder when a sidecar .json is unreadable: the sample is skipped and
+# counted as bad_meta by make_shards instead of aborting the listing.
+_BAD_SIDECAR = "_bad_sidecar"
 
-def _parse_camera(value: Any) -> list[float] | None:
+
+def _parse_camera(value: Any) -> list | None:
+    """The camera pose as (nested) lists of finite floats, None when absent; raises ValueError
+    or TypeError (the sample is counted as bad_meta) for anything else, e.g. null / "nan"
+    entries or a dict, which the writer would otherwise reject mid-run."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
         text = value.strip()
         value = json.loads(text) if text.startswith("[") else [float(v) for v in text.split()]
-    return value
+    if isinstance(value, dict):
+        raise TypeError(f"expected a list of numbers, got an object {value!r}")
+    cam = np.asarray(value, dtype=np.float64)  # null entries become NaN, caught just below
+    if cam.size == 0 or not np.isfinite(cam).all():
+        raise ValueError(f"expected finite numbers, got {value!r}")
+    return cam.tolist()
 
 
 def list_folder(root: Path) -> list[dict[str, Any]]:
@@ -60,8 +74,14 @@ def list_folder(root: Path) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"path": str(path)}
         side_json = path.with_suffix(".json")
         if side_json.is_file():
-            with open(side_json) as f:
-                entry.update(json.load(f))
+            try:
+                with open(side_json, encoding="utf-8") as f:
+                    side = json.load(f)
+                if not isinstance(side, dict):
+                    raise ValueError(f"expected a JSON object, got {type(side).__name__}")
+                entry.update(side)
+            except (OSError, ValueError) as e:  # JSONDecodeError / UnicodeDecodeError included
+                entry[_BAD_SIDECAR] = f"{side_json.name}: {type(e).__name__}: {e}"
             entry["path"] = str(path)
         side_txt = path.with_suffix(".txt")
         if side_txt.is_file():
@@ -100,6 +120,8 @@ def list_file(path: Path) -> list[dict[str, Any]]:
 def _load(entry: dict[str, Any]) -> tuple[dict[str, Any], bytes | None, Any, str | None]:
     """(entry, bytes, MediaInfo, bad reason) for one input; never raises."""
     path = Path(entry["path"])
+    if entry.get(_BAD_SIDECAR):
+        return entry, None, entry[_BAD_SIDECAR], "bad_meta"
     ext = path.suffix.lower().lstrip(".")
     try:
         data = path.read_bytes()

@@ -306,20 +306,26 @@ def build_index(
     Scans the tar headers of ``root/pattern`` (sorted by name) and the ``.npy`` headers for
     shapes; member data is not read. Members other than the four known ones are ignored; a
     sample lacking ``latent.npy`` or ``cond.npy`` is still listed so the reader counts it as bad.
-    A truncated tar is indexed up to its last readable header.
+    A truncated tar is indexed up to its last readable header; a shard whose headers end before
+    its data does (a corrupt header) is recorded under ``extra["damaged_shards"]`` (the byte
+    offset and the bytes that could not be indexed), besides the scan's warning.
     """
     root = Path(root)
     tars = list_shards(root, pattern)
     shards: list[ShardInfo] = []
     dtypes: list[str] = []
+    damaged: dict[str, dict[str, int]] = {}
     for path in tars:
         groups: dict[str, list[list[int]]] = {}
-        for key, suffix, m in scan_tar(path):  # a truncated tail ends the scan
+        damage: dict[str, int] = {}
+        for key, suffix, m in scan_tar(path, damage=damage):  # a truncated tail ends the scan
             if suffix not in MEMBER_COLUMN:
                 continue
             g = groups.setdefault(key, [[-1] * len(MEMBERS), [-1] * len(MEMBERS)])
             g[0][MEMBER_COLUMN[suffix]] = m.offset_data
             g[1][MEMBER_COLUMN[suffix]] = m.size
+        if damage:
+            damaged[path.name] = damage
         if not groups:
             continue
         keys = list(groups)
@@ -361,6 +367,7 @@ def build_index(
         latent_channels=_most_common([s[0] if s else None for s in all_lat]),
         latent_rank=_most_common([len(s) if s else None for s in all_lat]),
         cond_dim=_most_common([s[1] if s and len(s) == 2 else None for s in all_cond]),
+        extra={"damaged_shards": damaged} if damaged else {},
     )
     if write:
         index.save(root)

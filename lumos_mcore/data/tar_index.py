@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -23,6 +25,8 @@ from typing import Any, BinaryIO, TypeVar
 import numpy as np
 
 INDEX_NAME = "index.json"
+
+logger = logging.getLogger(__name__)
 
 _Index = TypeVar("_Index", bound="TarIndex")
 _Writer = TypeVar("_Writer", bound="TarShardWriter")
@@ -40,6 +44,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames / unlinks inside ``path`` durable (no-op where directories cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_key(key: str) -> None:
@@ -173,6 +192,10 @@ class TarShardWriter:
     Shards are written under a temporary name and renamed when full or at ``close``, which also
     writes the index; ``abort`` (also on an exception inside ``with``) deletes the shard in
     progress and writes no index, so a directory is a dataset exactly when its index exists.
+    With ``overwrite=True`` the old ``index.json`` is deleted before the first old shard is
+    replaced, so an interrupted rewrite leaves no dataset rather than an old index over new
+    bytes; a successful ``close`` deletes the writer's own ``{prefix}-NNNNNN.tar`` shards that
+    the new index does not list (left over from a larger old dataset or an interrupted run).
     Subclasses define ``_NAME`` (for error messages), ``_MEMBERS``, ``_COLUMNS`` (their own
     per-sample lists in ``self._cur``), ``_shard_info`` and ``_index``, and implement ``write``
     with ``_check_open``, ``_sample_key``, ``_write_members`` and ``_append``.
@@ -204,6 +227,9 @@ class TarShardWriter:
             raise FileExistsError(
                 f"{self.out_dir / INDEX_NAME} exists; pass overwrite=True to replace the dataset"
             )
+        # The old index is removed lazily, just before the first shard rename, so a writer
+        # that fails before writing anything leaves the old dataset intact.
+        self._drop_old_index = overwrite
         self.samples_per_shard = samples_per_shard
         self.prefix = prefix
         self.extra = dict(extra or {})
@@ -285,9 +311,32 @@ class TarShardWriter:
         size = self._file.tell()
         self._file.close()
         name = self._cur["name"]
+        if self._drop_old_index:
+            self._remove_old_index()
         os.replace(self._tmp_path, self.out_dir / name)  # type: ignore[arg-type]
         self._shards.append(self._shard_info(name, self._cur, size))
         self._tar = self._file = self._tmp_path = self._cur = None
+
+    def _remove_old_index(self) -> None:
+        """Unlink the dataset's ``index.json`` (durably) before any of its shards changes."""
+        index = self.out_dir / INDEX_NAME
+        if index.exists():
+            index.unlink()
+            fsync_dir(self.out_dir)
+        self._drop_old_index = False
+
+    def _remove_stale_shards(self) -> list[str]:
+        """Delete this writer's shard names (``{prefix}-NNNNNN.tar``) not in the new index."""
+        own = re.compile(rf"{re.escape(self.prefix)}-\d{{6,}}\.tar")
+        listed = {s.name for s in self._shards}
+        removed = []
+        for p in sorted(self.out_dir.iterdir()):
+            if own.fullmatch(p.name) and p.name not in listed and p.is_file():
+                p.unlink()
+                removed.append(p.name)
+        if removed:
+            logger.info("%s: removed %d stale shard(s) %s", self.out_dir, len(removed), removed)
+        return removed
 
     def abort(self) -> None:
         """Drop the shard in progress (its temporary file) and write no index."""
@@ -308,7 +357,11 @@ class TarShardWriter:
             raise ValueError(f"{self.out_dir}: no samples were written; not writing an index")
         index = self._index()
         self._closed = True
-        return index.save(self.out_dir)
+        fsync_dir(self.out_dir)  # every shard rename is durable before the index names them
+        path = index.save(self.out_dir)
+        fsync_dir(self.out_dir)
+        self._remove_stale_shards()
+        return path
 
     def __enter__(self: _Writer) -> _Writer:
         return self
@@ -328,20 +381,70 @@ def list_shards(root: Path, pattern: str) -> list[Path]:
     return tars
 
 
-def scan_tar(source: str | os.PathLike | BinaryIO) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+def scan_tar(
+    source: str | os.PathLike | BinaryIO, *, damage: dict[str, int] | None = None
+) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """``(key, suffix, member)`` of each regular member with a dot in its basename, by the
-    webdataset convention (key = path up to the first dot of the basename). Reads headers only;
-    a truncated or corrupt tail ends the scan quietly (reads report the damage later)."""
-    kwargs: dict[str, Any] = {"fileobj": source} if hasattr(source, "read") else {"name": source}
+    webdataset convention (key = path up to the first dot of the basename). Reads headers only.
+
+    tarfile ends its iteration quietly at a corrupt header, which would drop every later sample
+    of the shard unnoticed. So once the headers are exhausted, any non-zero bytes left after the
+    last readable member (beyond the end-of-archive zero blocks / padding) are logged as a
+    warning naming the shard and the byte offset, and, when ``damage`` is given, recorded in it
+    as ``offset`` (where the unreadable region starts) and ``lost_bytes`` (its length) for the
+    caller to report. A member whose data is cut short is not counted here: reads report it.
+    """
+    is_file = hasattr(source, "read")
+    kwargs: dict[str, Any] = {"fileobj": source} if is_file else {"name": source}
+    end = source.tell() if is_file else 0  # type: ignore[union-attr]  # tar offsets are absolute
+    tar: tarfile.TarFile | None = None
     try:
-        with tarfile.open(mode="r:", **kwargs) as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                head, _, base = m.name.rpartition("/")
-                stem, dot, suffix = base.partition(".")
-                if not dot:
-                    continue
-                yield (f"{head}/{stem}" if head else stem), suffix, m
+        tar = tarfile.open(mode="r:", **kwargs)  # noqa: SIM115  # closed below
+        for m in tar:
+            if not m.isfile():
+                continue
+            head, _, base = m.name.rpartition("/")
+            stem, dot, suffix = base.partition(".")
+            if not dot:
+                continue
+            yield (f"{head}/{stem}" if head else stem), suffix, m
     except tarfile.ReadError:
-        pass
+        pass  # e.g. a bad first header or a bad pax header: the region is measured below
+    finally:
+        if tar is not None:
+            end = tar.offset  # start of the header the scan stopped at
+            tar.close()
+    lost = _unzeroed_tail(source, end)
+    if lost:
+        name = getattr(source, "name", "<tar stream>") if is_file else os.fspath(source)  # type: ignore[arg-type]
+        logger.warning(
+            "%s: unreadable tar header at byte %d; the %d bytes after it (all later samples of "
+            "this shard) are not indexed; rewrite or repair the shard",
+            name,
+            end,
+            lost,
+        )
+        if damage is not None:
+            damage.update(offset=end, lost_bytes=lost)
+
+
+def _unzeroed_tail(source: str | os.PathLike | BinaryIO, end: int) -> int:
+    """Bytes from ``end`` to the end of the file when any of them is non-zero, else 0 (a
+    well-formed tar ends in zero blocks and zero record padding only)."""
+    f: Any = source if hasattr(source, "read") else open(source, "rb")  # noqa: SIM115
+    pos = f.tell()
+    try:
+        size = f.seek(0, os.SEEK_END)
+        if end >= size:
+            return 0
+        f.seek(end)
+        # A damaged header is non-zero, so this stops at the first chunk; a clean tail is small.
+        while chunk := f.read(1 << 16):
+            if chunk.count(0) != len(chunk):
+                return size - end
+        return 0
+    finally:
+        if f is source:
+            f.seek(pos)
+        else:
+            f.close()

@@ -233,15 +233,19 @@ def build_media_index(
     Reads every tar header and probes each media member (image headers; video containers are
     demuxed, not decoded) to record the facts the reader needs. A sample whose media is missing,
     empty or unreadable is still listed (facts unknown) so the reader counts it as bad; a
-    truncated tar is indexed up to its last readable header.
+    truncated tar is indexed up to its last readable header; a shard whose headers end before
+    its data does (a corrupt header) is recorded under ``extra["damaged_shards"]`` (the byte
+    offset and the bytes that could not be indexed), besides the scan's warning.
     """
     root = Path(root)
     tars = list_shards(root, pattern)
     shards: list[MediaShardInfo] = []
+    damaged: dict[str, dict[str, int]] = {}
     for path in tars:
         groups: dict[str, dict[str, Any]] = {}
         with open(path, "rb") as raw:
-            for key, suffix, m in scan_tar(raw):  # a truncated tail ends the scan
+            damage: dict[str, int] = {}
+            for key, suffix, m in scan_tar(raw, damage=damage):  # a truncated tail ends the scan
                 g = groups.setdefault(
                     key, {"off": [-1] * len(MEMBERS), "size": [-1] * len(MEMBERS), "ext": ""}
                 )
@@ -253,6 +257,8 @@ def build_media_index(
                     col = MEMBER_COLUMN[suffix]
                 if col is not None:
                     g["off"][col], g["size"][col] = m.offset_data, m.size
+            if damage:
+                damaged[path.name] = damage
             if not groups:
                 continue
             cur: dict[str, Any] = {
@@ -285,7 +291,7 @@ def build_media_index(
         shards.append(_shard_info(path.name, cur, path.stat().st_size))
     if not shards:
         raise FileNotFoundError(f"{root}: shards matching {pattern!r} hold no samples")
-    index = MediaIndex(shards)
+    index = MediaIndex(shards, extra={"damaged_shards": damaged} if damaged else {})
     if write:
         index.save(root)
     return index
