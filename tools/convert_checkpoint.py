@@ -84,6 +84,7 @@ def _inflate(args: argparse.Namespace) -> Path:
         num_frames=args.i2v_frames,
         video_attention=args.video_attention,
         model_config=load_model_config(args.config) if args.config else None,
+        num_heads=args.num_heads,
         ema=args.ema,
         overwrite=args.overwrite,
     )

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from lumos_mcore.config.model import ModelConfig
-from lumos_mcore.convert.pipeline import CONVERSION_RECORD, atomic_output, stream_weights
+from lumos_mcore.convert.pipeline import (
+    CONVERSION_RECORD,
+    atomic_output,
+    head_count,
+    stream_weights,
+    write_durably,
+    written_dtype,
+)
 from lumos_mcore.models.dit.hf_adapter import ConversionError
 
 __all__ = ["inflate_i2i_to_i2v"]
@@ -42,6 +49,7 @@ def inflate_i2i_to_i2v(
     ema: bool | None = None,
     seed: int = 0,
     overwrite: bool = False,
+    num_heads: int | None = None,
     **overrides: Any,
 ) -> Path:
     """Write the initial I2V megatron checkpoint ``dst`` from the I2I checkpoint ``src``.
@@ -49,8 +57,13 @@ def inflate_i2i_to_i2v(
     ``src`` may be in any readable format (``src_format`` None: detected); ``ema`` None takes
     its EMA weights when stored. The I2V config is the I2I one with ``variant="i2v"``,
     ``num_frames``, ``video_attention`` and ``overrides``, or ``model_config`` as given (its
-    architecture must match the I2I model). ``seed`` seeds the new temporal Q/K/V. Returns
-    ``dst``; train from it with ``checkpoint.load=<dst>``.
+    architecture must match the I2I model). ``seed`` seeds the new temporal Q/K/V.
+    ``num_heads``: head count of a ``.pth`` source, which records none (default
+    ``model_config``'s, else hidden // 72; it must agree with ``model_config``): fused QKV rows
+    are regrouped per head, so a wrong count would scramble the attention silently. The
+    weights are written in bf16 if the source holds any bf16 tensor, else fp32 (an fp16 source
+    is widened); ``conversion.json`` records which. Returns ``dst``; train from it with
+    ``checkpoint.load=<dst>``.
     """
     from lumos_mcore.convert.megatron_io import (
         build_megatron_model,
@@ -59,7 +72,10 @@ def inflate_i2i_to_i2v(
     )
     from lumos_mcore.models.dit.state_dict import global_name
 
-    i2i_cfg, specs, stream = stream_weights(src, src_format, layout="mcore", ema=ema)
+    heads = head_count(num_heads, model_config)
+    i2i_cfg, specs, stream = stream_weights(
+        src, src_format, layout="mcore", ema=ema, num_heads=heads
+    )
     if i2i_cfg.variant != "i2i":
         raise ConversionError(
             f"model.variant={i2i_cfg.variant!r}: inflation starts from an I2I checkpoint"
@@ -86,7 +102,9 @@ def inflate_i2i_to_i2v(
     with atomic_output(dst, overwrite) as stage, closing(stream):
         bf16 = any(s.dtype == torch.bfloat16 for s in specs)
         with one_process(target, seed):
-            model, new = build_megatron_model(target, stream, allow_new=True, bf16=bf16, seed=seed)
+            model, new = build_megatron_model(
+                target, stream, allow_new=True, bf16=bf16, seed=seed, for_checkpoint=True
+            )
             other = [n for n in new if _TEMPORAL not in n]
             if other:
                 raise ConversionError(
@@ -108,8 +126,9 @@ def inflate_i2i_to_i2v(
             "num_frames": target.num_frames,
             "video_attention": target.video_attention,
             "seed": seed,
+            "dtype": written_dtype(model),
             "new_parameters": new,
             "zero_initialised": zeroed,
         }
-        (out / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        write_durably(out / CONVERSION_RECORD, json.dumps(record, indent=2) + "\n")
     return Path(dst).absolute()

@@ -12,6 +12,7 @@ both for a single process (gloo on CPU) when absent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ from lumos_mcore.models.dit.hf_adapter import ConversionError
 
 __all__ = [
     "build_megatron_model",
+    "checkpoint_writer_config",
     "load_megatron_for_inference",
     "one_process",
     "save_megatron_checkpoint",
@@ -67,6 +69,22 @@ def one_process(cfg: ModelConfig, seed: int = 0) -> Iterator[None]:
             destroy_parallel()
 
 
+def checkpoint_writer_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` as the model that *writes* a weights-only checkpoint is built: the local spec,
+    no FP8, no recompute.
+
+    These options choose how a model runs (TransformerEngine kernels, FP8 GEMMs, activation
+    recomputation), not which parameters it has: the TE and local specs have the same
+    parameter names and shapes (TE's linears / norms use megatron's ``weight`` / ``bias``, the
+    adaLN norms are outside TE's fused LayerNorm-Linear), and a weights-only load
+    (``Checkpointer.load_weights``) matches parameters only, skipping the per-module
+    ``_extra_state`` (TE's FP8 metadata), which starts fresh. So a checkpoint recorded with
+    ``model.spec=te`` / ``model.fp8`` converts on a machine without TransformerEngine or CUDA,
+    and the written checkpoint still records the original config.
+    """
+    return dataclasses.replace(cfg, spec="local", fp8=None, recompute="none")
+
+
 def build_megatron_model(
     cfg: ModelConfig,
     weights: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
@@ -74,6 +92,7 @@ def build_megatron_model(
     allow_new: bool = False,
     bf16: bool = False,
     seed: int = 0,
+    for_checkpoint: bool = False,
 ) -> tuple[nn.Module, list[str]]:
     """A TP=1, PP=1 ``LumosDiT`` for ``cfg`` holding ``weights`` (full megatron names; a
     mapping or a stream of pairs, copied in one at a time so a stream needs no second copy
@@ -82,11 +101,15 @@ def build_megatron_model(
     Every tensor must be a parameter of the model with the parameter's shape
     (``ConversionError`` naming the tensor and both shapes otherwise). Parameters without a
     tensor are an error, unless ``allow_new``: they then keep the model's initialisation
-    (seeded by ``seed``) and their names are returned. Needs megatron's parallel state.
+    (seeded by ``seed``) and their names are returned. ``for_checkpoint``: the model only
+    carries the weights into a checkpoint, built per :func:`checkpoint_writer_config` (record
+    ``cfg`` itself with :func:`save_megatron_checkpoint`). Needs megatron's parallel state.
     """
     from lumos_mcore.models.dit.model import build_lumos_dit, build_transformer_config
     from lumos_mcore.models.dit.state_dict import global_name
 
+    if for_checkpoint:
+        cfg = checkpoint_writer_config(cfg)
     torch.manual_seed(seed)
     model = build_lumos_dit(cfg, build_transformer_config(cfg, bf16=bf16))
     params = {global_name(model, n): p for n, p in model.named_parameters()}

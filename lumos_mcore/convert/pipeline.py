@@ -60,6 +60,7 @@ __all__ = [
     "check_hf_expressible",
     "convert_checkpoint",
     "convert_stream",
+    "head_count",
     "load_model_config",
     "parse_dtype",
     "plan_conversion",
@@ -101,6 +102,30 @@ def load_model_config(path: str | os.PathLike) -> ModelConfig:
         raise ConversionError(f"{path}: expected a mapping, got {type(tree).__name__}")
     section = tree.get("model", tree) if isinstance(tree.get("model"), dict) else tree
     return model_config_from_dict(section, str(path))
+
+
+def head_count(
+    num_heads: int | None = None,
+    model_config: ModelConfig | None = None,
+    model_name: str | None = None,
+) -> int | None:
+    """The head count to read a ``.pth`` with (it records none): ``num_heads`` (``--num-heads``),
+    else the config's / registry size's; None = infer (hidden // 72).
+
+    Fused QKV rows are regrouped per head, so a wrong count scrambles the weights silently: an
+    explicit ``num_heads`` that disagrees with the given config is refused, naming both.
+    """
+    implied, where = None, None
+    if model_config is not None:
+        implied, where = model_config.num_heads_, "the config's model.num_heads"
+    elif model_name is not None:
+        implied, where = ModelConfig(name=model_name).num_heads_, f"{model_name}'s num_heads"
+    if num_heads is not None and implied is not None and num_heads != implied:
+        raise ConversionError(
+            f"--num-heads {num_heads} disagrees with {where}={implied}; drop --num-heads or "
+            "make the two agree"
+        )
+    return num_heads if num_heads is not None else implied
 
 
 def check_hf_expressible(cfg: ModelConfig) -> None:
@@ -300,13 +325,11 @@ def atomic_output(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         built = stage / "out"
         if not built.exists():
             raise RuntimeError(f"conversion wrote nothing into {built}")
-        old = None
-        if dst.exists() or dst.is_symlink():
-            old = stage / "replaced"
-            os.replace(dst, old)
-        os.replace(built, dst)
+        _swap_into_place(built, dst, stage / "replaced")
         _fsync_dir(dst.parent)
         shutil.rmtree(stage, ignore_errors=True)
+    except _OldOutputKeptError:
+        raise  # the previous output lies in the staging folder: keep it
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         for folder in created:  # innermost first
@@ -317,12 +340,64 @@ def atomic_output(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         raise
 
 
+class _OldOutputKeptError(RuntimeError):
+    """The swap failed and the previous output could not be moved back (it is kept)."""
+
+
+def _swap_into_place(built: Path, dst: Path, aside: Path) -> None:
+    """Rename ``built`` to ``dst``, moving an existing ``dst`` to ``aside`` first.
+
+    If the second rename fails (or is interrupted), the previous output is moved back to
+    ``dst`` before the error propagates, so ``--overwrite`` never loses the old export.
+    """
+    moved = False
+    try:
+        if dst.exists() or dst.is_symlink():
+            os.replace(dst, aside)
+            moved = True
+        os.replace(built, dst)
+    except BaseException as err:
+        if moved and not (dst.exists() or dst.is_symlink()):
+            try:
+                os.replace(aside, dst)
+            except BaseException:
+                raise _OldOutputKeptError(
+                    f"replacing {dst} failed ({err!r}) and the previous output could not be "
+                    f"moved back: it is kept at {aside}; move it to {dst} by hand"
+                ) from err
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` and fsync it, so the output renamed into place after it
+    (``atomic_output``) never holds an empty file after a crash."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _dtype_names(dtypes) -> str:
+    names = sorted({str(d).removeprefix("torch.") for d in dtypes})
+    return names[0] if len(names) == 1 else ", ".join(names)
+
+
+def written_dtype(model: torch.nn.Module) -> str:
+    """The floating dtype(s) of ``model``'s parameters, as ``conversion.json`` records them."""
+    return _dtype_names(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,15 +435,18 @@ def _write_safetensors_folder(
         writer.close()
     finally:
         writer.abort()
-    (folder / "config.json").write_text(_diffusers_config(class_name, config))
+    write_durably(folder / "config.json", _diffusers_config(class_name, config))
+    for index in folder.glob("*.index.json"):  # written by the writer's close()
+        _fsync_file(index)
+    _fsync_dir(folder)
 
 
 def _save_mcore(
     path: Path, items: Iterator[tuple[str, Tensor]], cfg: ModelConfig, bf16: bool, bar
-) -> None:
+) -> str:
     """Stream megatron-named tensors into a one-process ``LumosDiT`` of ``cfg`` (bf16 or fp32
     parameters) and write it as a weights-only megatron checkpoint at ``path`` (see
-    ``megatron_io``). Memory: the model."""
+    ``megatron_io``); returns the dtype written (for ``conversion.json``). Memory: the model."""
     from lumos_mcore.convert.megatron_io import (
         build_megatron_model,
         one_process,
@@ -381,8 +459,9 @@ def _save_mcore(
             bar.update(tensor.numel() * tensor.element_size())
 
     with one_process(cfg):
-        model, _ = build_megatron_model(cfg, counted(), bf16=bf16)
+        model, _ = build_megatron_model(cfg, counted(), bf16=bf16, for_checkpoint=True)
         save_megatron_checkpoint(path, model, cfg)
+    return written_dtype(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +489,9 @@ def convert_checkpoint(
 
     ``model_config`` (a ``ModelConfig`` or a YAML path) / ``model_name`` set the target
     architecture (default: the one the source records; a ``.pth`` records none and is
-    inferred). ``dtype`` casts floating tensors (default: as stored). ``ema`` reads the EMA
+    inferred). ``dtype`` casts floating tensors (default: as stored; megatron output is bf16
+    or fp32, so fp16 is refused and an fp16 source is widened to fp32, as ``conversion.json``
+    records). ``ema`` reads the EMA
     weights of a megatron checkpoint / ``.pth`` container. ``num_heads`` overrides the head
     count inferred for a ``.pth``. ``max_shard_size`` splits HF / PixArt weights into
     diffusers shards. ``tp`` / ``pp`` / ``cp``: megatron layout to validate (see the module
@@ -438,11 +519,15 @@ def convert_checkpoint(
     if isinstance(model_config, (str, os.PathLike)):
         model_config = load_model_config(model_config)
 
-    heads = num_heads
-    if heads is None and model_config is not None:
-        heads = model_config.num_heads_
-    if heads is None and model_name is not None:
-        heads = ModelConfig(name=model_name).num_heads_
+    if dst_format == "mcore" and torch_dtype == torch.float16:
+        raise ValueError(
+            f"--dtype {dtype}: megatron checkpoints hold the weights of a bf16 or fp32 model "
+            "(LumosDiT has no fp16 mode); pass --dtype bf16 or --dtype fp32, or write fp16 "
+            "with --dst-format hf"
+        )
+    if model_config is not None and model_name is not None:
+        raise ValueError("give a model name (--model) or a config (--config), not both")
+    heads = head_count(num_heads, model_config, model_name)
     source = open_source(
         src,
         src_format,
@@ -495,12 +580,14 @@ def convert_checkpoint(
             )
         else:
             bf16 = any(s.dtype == torch.bfloat16 for s in specs)
-            _save_mcore(out, items, target, bf16, bar)
+            written = _save_mcore(out, items, target, bf16, bar)
             record = {
                 "source": str(Path(src).absolute()),
                 "source_format": src_format,
                 "weights": "ema" if ema else "training",
-                "dtype": str(torch_dtype).removeprefix("torch.") if torch_dtype else "as stored",
+                # what the files hold (an fp16 source is widened to fp32, a mixed one is bf16)
+                "dtype": written,
+                "source_dtypes": _dtype_names(s.dtype for s in source.specs),
                 "layout": {"tp": tp, "pp": pp, "cp": cp},
                 "layout_independent": True,
                 "note": (
@@ -509,7 +596,7 @@ def convert_checkpoint(
                     "conversion time"
                 ),
             }
-            (out / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            write_durably(out / CONVERSION_RECORD, json.dumps(record, indent=2) + "\n")
     return dst_path
 
 
@@ -521,16 +608,24 @@ def stream_weights(
     ema: bool | None = None,
     model_config: ModelConfig | None = None,
     dtype: str | torch.dtype | None = None,
+    num_heads: int | None = None,
 ) -> tuple[ModelConfig, list[TensorSpec], Iterator[tuple[str, Tensor]]]:
     """``(architecture, announced tensors, tensor stream)`` of a checkpoint in any format,
     converted to ``layout`` ("hf": ``LumosTransformer2DModel`` names, "mcore": full megatron
     names); checked against the architecture before anything is read.
 
-    ``ema`` None: EMA weights when the checkpoint stores them.
+    ``ema`` None: EMA weights when the checkpoint stores them. ``num_heads``: the head count
+    of a ``.pth`` (default: ``model_config``'s, else hidden // 72); for a source that records
+    its architecture it must agree with the recorded one.
     """
-    heads = model_config.num_heads_ if model_config is not None else None
+    heads = head_count(num_heads, model_config)
     source = open_source(path, fmt, ema=ema, num_heads=heads)
     target = resolve_model_config(source, model_config)
+    if heads is not None and target.num_heads_ != heads:
+        raise ConversionError(
+            f"--num-heads {heads}: {source.description} has num_heads={target.num_heads_}; "
+            "drop --num-heads"
+        )
     if layout == "hf":
         check_hf_expressible(target)
     torch_dtype = parse_dtype(dtype)
