@@ -50,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="megatron layout to validate (mcore output)")
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--dtype", choices=("bf16", "fp32", "fp16"), help="cast (default: as stored)")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32", "fp16"),
+        help="cast (default: as stored; fp16 for --dst-format hf only)",
+    )
     p.add_argument("--ema", action="store_true", help="convert the EMA weights")
     p.add_argument("--num-heads", type=int, help="head count of a .pth (default hidden // 72)")
     p.add_argument("--max-shard-size", default="10GB", help="HF shard size (default 10GB)")
