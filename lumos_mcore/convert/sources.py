@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -29,6 +30,8 @@ from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.convert.mcore_reader import McoreCheckpointReader, is_mcore_checkpoint
 from lumos_mcore.convert.safetensors_io import DTYPE_NAMES, TensorSpec, safetensors_files
 from lumos_mcore.models.dit.hf_adapter import ConversionError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "SOURCE_FORMATS",
@@ -233,6 +236,16 @@ def _pth_source(path: Path, ema: bool | None, num_heads: int | None) -> WeightSo
         raise ConversionError(
             f"{path}: no EMA weights stored ({', '.join(_EMA_CONTAINERS)}); drop --ema"
         )
+    if ema is False and isinstance(raw, Mapping):
+        has_raw = any(isinstance(raw.get(k), Mapping) for k in ("state_dict", "model", "module"))
+        only_ema = [k for k in _EMA_CONTAINERS if isinstance(raw.get(k), Mapping)]
+        if only_ema and not has_raw:  # converted all the same: the file's only weights
+            log.warning(
+                "%s holds only EMA weights (%r), no training weights: converting those "
+                "(pass --ema to record them as EMA)",
+                path,
+                only_ema[0],
+            )
     sd = unwrap_state_dict(raw, prefer_ema=ema is not False, source=str(path))
     pos_embed = sd.pop("pos_embed", None)
     try:

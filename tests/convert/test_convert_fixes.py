@@ -329,3 +329,20 @@ def test_hf_config_and_index_are_fsynced(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     assert "config.json" in synced
     assert "diffusion_pytorch_model.safetensors.index.json" in synced
+
+
+# -- a .pth holding only EMA weights, converted without --ema: said so, not silent ---------------
+def test_ema_only_pth_without_ema_flag_warns(tmp_path, caplog):
+    from lumos_mcore.convert.sources import open_source
+
+    model = _hf_model(SMALL, seed=4)
+    torch.save({"ema": model.state_dict(), "step": 10}, tmp_path / "m.pth")
+    with caplog.at_level("WARNING", logger="lumos_mcore.convert.sources"):
+        source = open_source(tmp_path / "m.pth", "lumos-pth", ema=False, num_heads=SMALL.num_heads_)
+    assert "holds only EMA weights ('ema')" in caplog.text
+    assert source.model_config.hidden_size_ == SMALL.hidden_size_  # the EMA weights were read
+    caplog.clear()
+    torch.save({"state_dict": model.state_dict(), "ema": model.state_dict()}, tmp_path / "b.pth")
+    with caplog.at_level("WARNING", logger="lumos_mcore.convert.sources"):
+        open_source(tmp_path / "b.pth", "lumos-pth", ema=False, num_heads=SMALL.num_heads_)
+    assert "only EMA" not in caplog.text
