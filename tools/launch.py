@@ -74,7 +74,8 @@ def check_layout(job: JobConfig, world_size: int) -> str:
         num_layers=m.depth_,
         seq_len=m.num_tokens,
     )
-    nmb = job.train.num_microbatches(dp)
+    source = job.data if job.data is not None else job.media
+    nmb = job.train.num_microbatches(dp, pp=p.pp, vpp=None if source.pack else p.vpp)
     sp = "+sp" if p.sequence_parallel else ""
     return (
         f"{world_size} ranks = tp{p.tp}{sp} x pp{p.pp} x cp{p.cp} x dp{dp}; global batch "

@@ -52,7 +52,10 @@ if [[ -n ${MASTER_PORT:-} ]]; then
   RDZV=(--rdzv-backend c10d --rdzv-endpoint "localhost:${MASTER_PORT}" --rdzv-id "lumos-$$")
 fi
 set +e
-torchrun --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" "${RDZV[@]}" \
+# torchrun of the same interpreter (a bare `torchrun` may be another environment's, or absent);
+# TORCHRUN=<executable> replaces it.
+if [[ -n ${TORCHRUN:-} ]]; then LAUNCH=("$TORCHRUN"); else LAUNCH=("$PYTHON" -m torch.distributed.run); fi
+"${LAUNCH[@]}" --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" "${RDZV[@]}" \
   -m lumos_mcore.train --config "$RECIPE" "$@" 2>&1 | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 set -e

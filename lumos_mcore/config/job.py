@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lumos_mcore.config.data import DataConfig
@@ -59,6 +60,8 @@ class JobConfig:
         packs = any(section is not None and section.pack for section in (self.data, self.media))
         if packs and self.parallel.cp > 1 and self.model.spec != "local" and _te_spec(self.model):
             check_te_packed_cp(self.parallel.cp_comm_type, self.model.cp_layout)
+        if self.parallel.cp > 1 or (packs and self.model.temporal_attention):
+            self._check_te_shards(packs)
         if packs and self.model.fp8 is not None and self.parallel.pp > 1:
             p = self.parallel
             multiple = (
@@ -94,6 +97,41 @@ class JobConfig:
                 f"diffusion.objective={self.diffusion.objective!r} (euler is the flow sampler; "
                 "ddpm / dpm++2m sample the ddpm objective)"
             )
+
+    def _check_te_shards(self, packs: bool) -> None:
+        """Sequence shards the model can run, refused here rather than at the first forward:
+        the zig-zag CP layout (``model.cp_layout=zigzag``, or ``auto`` on the TE spec) cuts
+        every sample into 2*cp chunks, and TE's spatial / temporal attention takes unpacked
+        batches whose CP shards hold whole frames."""
+        m, p = self.model, self.parallel
+        te = m.spec != "local" and _te_spec(m)
+        zigzag = m.cp_layout == "zigzag" or (m.cp_layout == "auto" and te)
+        layout = f"model.cp_layout={m.cp_layout!r}" + (" (zig-zag on the TE spec)" if te else "")
+        if p.cp > 1 and zigzag and not packs:  # packs are padded to it by the packer
+            split = p.cp * (p.tp if p.sequence_parallel else 1)
+            multiple = math.lcm(2 * p.cp, split)
+            if m.num_tokens % multiple:
+                raise ValueError(
+                    f"parallel.cp={p.cp} with {layout}: every sample is cut into 2*cp chunks, "
+                    f"so model.num_tokens={m.num_tokens} must be a multiple of {multiple}; "
+                    "change the resolution / frames, parallel.cp, or set "
+                    "model.cp_layout=contiguous"
+                )
+        if te and m.temporal_attention:
+            if packs:
+                raise ValueError(
+                    "data.pack / media.pack: spatial/temporal video attention on the TE spec "
+                    "takes unpacked batches; set model.video_attention=full_3d to pack, or "
+                    "model.spec=local"
+                )
+            chunks = 2 * p.cp if zigzag else p.cp
+            if p.cp > 1 and m.num_frames % chunks:
+                raise ValueError(
+                    f"parallel.cp={p.cp} with {layout}: spatial/temporal attention on the TE "
+                    f"spec needs context-parallel shards of whole frames, so model.num_frames="
+                    f"{m.num_frames} must be a multiple of {chunks}; change num_frames or "
+                    "parallel.cp, or use model.video_attention=full_3d"
+                )
 
     @property
     def checkpoint_dir(self) -> str:

@@ -225,6 +225,13 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
     raise _type_error(key, tp, value)
 
 
+def _is_none_text(value: Any) -> bool:
+    """``None`` / ``none`` for an optional key means null (YAML's spellings are null, ``~`` and
+    empty), not the text "None" (``checkpoint.dir=None`` would write to ``./None``)."""
+    v = _unwrap(value)
+    return isinstance(v, str) and v.strip() in ("None", "none")
+
+
 def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     """Coerce ``value`` to annotation ``tp``; ``default`` seeds partly-given nested dataclasses."""
     if tp is Any or tp is typing.Any:
@@ -233,7 +240,7 @@ def _coerce(tp: Any, value: Any, key: str, default: Any = None) -> Any:
     args = typing.get_args(tp)
 
     if origin is typing.Union or origin is types.UnionType:
-        if _unwrap(value) is None and type(None) in args:
+        if type(None) in args and (_unwrap(value) is None or _is_none_text(value)):
             return None
         members = [m for m in args if m is not type(None)]
         if len(members) == 1:  # Optional[X]: keep X's own, more specific error

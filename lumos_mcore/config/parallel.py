@@ -97,7 +97,9 @@ class ParallelConfig:
             raise ValueError(f"world size must be positive, got {world_size}")
         mp = self.model_parallel_size
         if world_size % mp != 0:
-            flag = "tp" if self.tp > 1 else ("pp" if self.pp > 1 else "cp")
+            # Name a size that does not divide the world, when one alone does not.
+            sizes = [(f, getattr(self, f)) for f in ("tp", "pp", "cp") if getattr(self, f) > 1]
+            flag = next((f for f, n in sizes if world_size % n), sizes[-1][0])
             raise ValueError(
                 f"parallel.{flag}={getattr(self, flag)}: world size {world_size} is not "
                 f"divisible by tp*pp*cp={mp} (tp={self.tp}, pp={self.pp}, cp={self.cp})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +26,8 @@ class OptimConfig:
     lr_decay_steps: int | None = None  # None = train.steps
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr}: must be positive")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"optim.lr={self.lr}: must be a positive finite number")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optim.min_lr={self.min_lr}: must lie in [0, optim.lr={self.lr}]")
         if self.weight_decay < 0:
@@ -60,6 +61,11 @@ class TrainConfig:
     peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
+        if not self.output_dir.strip():
+            raise ValueError(
+                "train.output_dir is empty: give the run folder (checkpoints, logs and metrics "
+                "are written under it)"
+            )
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError(f"train.peak_tflops={self.peak_tflops}: must be positive or None")
         for flag in ("steps", "micro_batch_size", "global_batch_size", "log_interval"):
@@ -73,15 +79,24 @@ class TrainConfig:
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay={self.ema_decay}: must be in [0, 1)")
 
-    def num_microbatches(self, dp: int) -> int:
-        """Micro-batches per step on each data-parallel rank (validated against ``dp``)."""
+    def num_microbatches(self, dp: int, pp: int = 1, vpp: int | None = None) -> int:
+        """Micro-batches per step on each data-parallel rank (validated against ``dp``; with
+        interleaved pipeline stages megatron's schedule also needs a multiple of ``pp``)."""
         per_step = self.micro_batch_size * dp
         if self.global_batch_size % per_step:
             raise ValueError(
                 f"train.global_batch_size={self.global_batch_size}: must be a multiple of "
                 f"train.micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}"
             )
-        return self.global_batch_size // per_step
+        n = self.global_batch_size // per_step
+        if vpp is not None and pp > 1 and n % pp:
+            raise ValueError(
+                f"parallel.vpp={vpp}: the interleaved pipeline schedule runs a multiple of "
+                f"parallel.pp={pp} micro-batches per step, but train.global_batch_size="
+                f"{self.global_batch_size} gives {n} (micro batch {self.micro_batch_size} x "
+                f"dp {dp}); make the global batch a multiple of {per_step * pp}"
+            )
+        return n
 
 
 @dataclass

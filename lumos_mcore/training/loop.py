@@ -126,7 +126,12 @@ class Trainer:
             seed=job.train.seed,
             seq_len=m.num_tokens,
         )
-        self.num_microbatches = job.train.num_microbatches(self.info.dp_size)
+        source = job.data if job.data is not None else job.media
+        self.num_microbatches = job.train.num_microbatches(  # packs: set by the packer
+            self.info.dp_size,
+            pp=job.parallel.pp,
+            vpp=None if source.pack else job.parallel.vpp,
+        )
         self.chunks, self.tconfig = build_model(m, job.parallel, seed=job.train.seed)
         select_kernels(m, job.parallel, job.train.micro_batch_size)  # CUDA: Triton or torch
         self.optimizer, self.scheduler = build_optimizer(

@@ -74,3 +74,44 @@ def test_fp8_packs_under_pp_need_a_length_fp8_can_split():
     job(4, True, 2, "mxfp8")  # 32 rows x 8 ranks = 256
     with pytest.raises(ValueError, match=r"multiple of 512"):
         job(4, True, 4, "mxfp8")  # 32 rows x 16 ranks
+
+
+def _dense_job(spec: str = "local", cp_layout: str = "auto", cp: int = 2, **model) -> JobConfig:
+    return JobConfig(
+        data=DataConfig(path="shards"),
+        model=ModelConfig(name="Lumos-Tiny/2", spec=spec, cp_layout=cp_layout, **model),
+        parallel=ParallelConfig(cp=cp),
+    )
+
+
+def test_zigzag_cp_needs_tokens_in_2cp_chunks(monkeypatch):
+    """Lumos-Tiny/2 at latent 6 has 9 tokens: three contiguous CP shards, but not the 2*cp=6
+    chunks of the zig-zag layout (refused up front, not at the first forward)."""
+    from lumos_mcore.models.dit import layer_spec
+
+    monkeypatch.setattr(layer_spec, "te_available", lambda: False)
+    _dense_job(cp_layout="contiguous", cp=3, latent_size=6)
+    with pytest.raises(ValueError, match=r"model.cp_layout='zigzag'.*num_tokens=9 .*multiple of 6"):
+        _dense_job(cp_layout="zigzag", cp=3, latent_size=6)
+    _dense_job(cp_layout="zigzag", cp=3, latent_size=12)  # 36 tokens
+    _dense_job(spec="auto", cp=3, latent_size=6)  # auto without TE: contiguous
+    monkeypatch.setattr(layer_spec, "te_available", lambda: True)
+    with pytest.raises(ValueError, match=r"zig-zag on the TE spec"):  # auto resolves to zig-zag
+        _dense_job(spec="auto", cp=3, latent_size=6)
+
+
+def test_te_spatial_temporal_needs_whole_frames_per_cp_shard(monkeypatch):
+    from lumos_mcore.models.dit import layer_spec
+
+    monkeypatch.setattr(layer_spec, "te_available", lambda: True)
+    video = dict(variant="i2v", latent_size=16, cp_layout="contiguous")
+    _dense_job(spec="te", num_frames=4, **video)
+    with pytest.raises(ValueError, match=r"whole frames.*num_frames=3 must be a multiple of 2"):
+        _dense_job(spec="te", num_frames=3, **video)
+    _dense_job(spec="local", num_frames=3, **video)  # the local spec gathers K/V instead
+    with pytest.raises(ValueError, match=r"video_attention=full_3d to pack"):
+        JobConfig(
+            data=DataConfig(path="shards", pack=True, pack_capacity=4096),
+            model=ModelConfig(name="Lumos-Tiny/2", spec="te", variant="i2v", num_frames=4),
+            train=TrainConfig(micro_batch_size=1),
+        )

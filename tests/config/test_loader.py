@@ -162,6 +162,14 @@ def test_scalar_coercions():
     assert cfg.train.resume == "/ckpt/iter_100" and cfg.data.resolution is None and cfg.tag == ""
 
 
+def test_python_none_spelling_is_null_for_optional_keys_only():
+    """``train.resume=None`` means no resume (not a folder called "None"); a plain str key
+    keeps the text."""
+    cfg = load_config(Root, None, ["train.resume=None", "data.resolution=none", "tag=None"])
+    assert cfg.train.resume is None and cfg.data.resolution is None
+    assert cfg.tag == "None"
+
+
 def test_unknown_key_suggests(tmp_path):
     with pytest.raises(ValueError) as err:
         load_config(Root, None, ["train.stepz=3"])

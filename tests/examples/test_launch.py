@@ -94,6 +94,7 @@ def _env(fakes: Path, **extra: str) -> dict[str, str]:
     env.update(
         PATH=f"{fakes / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}",
         PYTHON=sys.executable,
+        TORCHRUN=str(fakes / "bin" / "torchrun"),
         FAKE_LOG=str(fakes / "log"),
         SLURM_JOB_ID="4242",
         SLURM_NNODES="2",

@@ -66,6 +66,8 @@ def test_validate_world_not_divisible() -> None:
     assert msg.startswith("parallel.tp=3: world size 4 is not divisible by tp*pp*cp=6")
     assert "parallel.pp=4" in _validate_error(ParallelConfig(pp=4), 6)
     assert "parallel.cp=4" in _validate_error(ParallelConfig(cp=4), 2)
+    # The size that does not divide the world is named, not the first one set.
+    assert _validate_error(ParallelConfig(tp=2, pp=3), 8).startswith("parallel.pp=3:")
 
 
 def test_validate_heads_not_divisible_by_tp() -> None:
