@@ -331,8 +331,8 @@ def estimate_memory(
     grads = n * 4  # megatron DDP keeps fp32 main grads (grad_reduce_in_fp32)
     opt_per_param = (4 + 4 + 4) if bf16 else (4 + 4)  # (+ fp32 master weights) + Adam m, v
     optimizer = n * opt_per_param
-    if parallel.use_distributed_optimizer:
-        optimizer = math.ceil(optimizer / dp)
+    if parallel.use_distributed_optimizer:  # sharded over the DP x CP ranks, as megatron does
+        optimizer = math.ceil(optimizer / (dp * parallel.cp))
     ema_bytes = n * 4 if ema else 0
 
     terms = layer_activation_terms(

@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -165,8 +166,10 @@ class Trainer:
         out = Path(job.train.output_dir)
         self.metrics_path = out / "metrics.jsonl"
         self.metrics = MetricsWriter(
-            out / "tensorboard", self.is_logging_rank and job.train.tensorboard
+            out / "tensorboard", self.is_logging_rank and job.train.tensorboard, self.step
         )
+        if self.is_logging_rank and self.step > 0:
+            self._drop_metrics_after(self.step)
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(job, out / "config.yaml")
@@ -202,6 +205,8 @@ class Trainer:
         kernels = choice.backend if choice is not None else "torch"
         source = job.data if job.data is not None else job.media  # data.pack or media.pack
         pack = source.pack_capacity if source.pack else None
+        if pack is not None and self.info.pp_size > 1:
+            pack = job.model.num_tokens  # PP pads every pack to model.num_tokens
         est = estimate_job_memory(
             job.model,
             job.parallel,
@@ -283,7 +288,7 @@ class Trainer:
                     frames=size[1] if m.temporal_attention else 1,
                     attention="spatial_temporal" if m.temporal_attention else "full",
                     recompute=m.recompute,
-                    single_token_cross=True,
+                    single_token_cross=False,  # packs run the full cross-attention
                 )
             tokens += size[0]
             model += f.model_train
@@ -360,7 +365,7 @@ class Trainer:
         else:
             self.dataset = FeatureDataset(job.data)
             if not job.data.pack:  # stacked micro-batches: one latent shape for the run
-                self.dataset.require_latent_shape()
+                self._check_latent_shape(self.dataset.require_latent_shape())
         # validation.holdout: training never sees the held-out tail (the validator reads it).
         train_set, _ = holdout_split(self.dataset, job)
         source = job.data if job.data is not None else job.media
@@ -387,6 +392,26 @@ class Trainer:
                 seed=job.train.seed,
             )
         return StallTimer(data)
+
+    def _check_latent_shape(self, shape: tuple[int, ...] | None) -> None:
+        """The unpacked latents must be the size the config describes: the model takes its
+        token count from the batch, while tokens/s, MFU and the memory estimate count
+        ``model.num_tokens``, so a mismatch would train fine and report numbers several times
+        off."""
+        m = self.job.model
+        if shape is None:
+            return
+        want = (m.latent_size, m.latent_size)
+        frames = shape[1] if len(shape) == 4 else 1
+        if tuple(shape[-2:]) != want or frames != m.num_frames:
+            got = f"{frames} x " * (len(shape) == 4) + f"{shape[-2]} x {shape[-1]}"
+            raise ValueError(
+                f"data.path={self.job.data.path}: latents are {got} but model.latent_size="
+                f"{m.latent_size}, model.num_frames={m.num_frames} describe "
+                f"{m.num_frames} x {m.latent_size} x {m.latent_size}; set model.latent_size="
+                f"{shape[-1]}" + (f" model.num_frames={frames}" if frames != m.num_frames else "")
+                + " (non-square latents need data.pack=true)"
+            )  # fmt: skip
 
     def _packed_iterator(self, train_set, source):
         """``data.pack`` / ``media.pack``: one pack per micro-batch, planned from each sample's
@@ -617,6 +642,25 @@ class Trainer:
         self.metrics.close()
         self.data.close()
         return result
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """Resumed at ``step``: records an interrupted run wrote for later steps are dropped
+        (those steps run again), so metrics.jsonl holds each step once."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if int(json.loads(line)["step"]) > step:
+                    continue
+            except (ValueError, KeyError, TypeError):  # a line cut by the kill
+                continue
+            keep.append(line)
+        if len(keep) != len(lines):
+            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+            os.replace(tmp, self.metrics_path)
 
     def _append_metrics(self, m: dict[str, float]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,19 @@ def peak_memory_gib() -> float:
 class MetricsWriter:
     """Writes scalars to TensorBoard and progress lines to the log (logging rank only)."""
 
-    def __init__(self, log_dir: str | os.PathLike | None, enabled: bool) -> None:
+    def __init__(
+        self, log_dir: str | os.PathLike | None, enabled: bool, resume_step: int = 0
+    ) -> None:
+        """``resume_step``: the checkpoint's step; TensorBoard drops what an interrupted run
+        logged after it (those steps are trained again), so no curve shows them twice."""
         self.enabled = enabled
         self.tb = None
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(log_dir=str(log_dir))
+            purge = resume_step + 1 if resume_step > 0 else None
+            self.tb = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.tb is not None:

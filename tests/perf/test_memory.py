@@ -162,6 +162,9 @@ def test_static_memory_follows_dtype_and_distributed_optimizer():
     assert (bf16.params, bf16.grads, bf16.optimizer, bf16.ema) == (2 * n, 4 * n, 12 * n, 4 * n)
     dist = estimate_memory(mcfg, ParallelConfig(use_distributed_optimizer=True), dp=8)
     assert dist.optimizer == 12 * n // 8
+    # megatron shards the distributed optimizer over DP x CP (the gradients' reduce group).
+    cp = estimate_memory(mcfg, ParallelConfig(cp=2, use_distributed_optimizer=True), dp=4)
+    assert cp.optimizer == 12 * n // 8
     fp32 = estimate_memory(mcfg, ParallelConfig(), bf16=False, ema=False)
     assert (fp32.params, fp32.optimizer, fp32.ema) == (4 * n, 8 * n, 0)
 
