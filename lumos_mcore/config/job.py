@@ -117,6 +117,13 @@ class JobConfig:
                     "change the resolution / frames, parallel.cp, or set "
                     "model.cp_layout=contiguous"
                 )
+        if te and p.cp > 1 and p.cp_comm_type == "a2a" and (m.num_heads_ // p.tp) % p.cp:
+            raise ValueError(
+                f"parallel.cp_comm_type='a2a' with parallel.cp={p.cp}: TE's all-to-all context "
+                f"parallelism splits each rank's {m.num_heads_ // p.tp} heads (model.num_heads="
+                f"{m.num_heads_} / tp={p.tp}) over the cp ranks; choose a cp that divides them "
+                "or parallel.cp_comm_type=p2p"
+            )
         if te and m.temporal_attention:
             if packs:
                 raise ValueError(

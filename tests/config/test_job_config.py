@@ -115,3 +115,24 @@ def test_te_spatial_temporal_needs_whole_frames_per_cp_shard(monkeypatch):
             model=ModelConfig(name="Lumos-Tiny/2", spec="te", variant="i2v", num_frames=4),
             train=TrainConfig(micro_batch_size=1),
         )
+
+
+def test_te_a2a_cp_needs_heads_divisible_by_cp(monkeypatch):
+    """Lumos-Tiny/2 has 4 heads: all-to-all CP over 3 ranks cannot split them (p2p can)."""
+    from lumos_mcore.models.dit import layer_spec
+
+    monkeypatch.setattr(layer_spec, "te_available", lambda: True)
+
+    def job(cp: int, comm: str) -> JobConfig:
+        return JobConfig(
+            data=DataConfig(path="shards"),
+            model=ModelConfig(
+                name="Lumos-Tiny/2", spec="te", latent_size=16, cp_layout="contiguous"
+            ),
+            parallel=ParallelConfig(cp=cp, cp_comm_type=comm),
+        )
+
+    job(2, "a2a")
+    job(3, "p2p")
+    with pytest.raises(ValueError, match=r"cp_comm_type='a2a' with parallel.cp=3.*4 heads"):
+        job(3, "a2a")
