@@ -8,25 +8,7 @@ import dataclasses
 
 from lumos_mcore.config.train import CheckpointConfig
 from tests.dist_utils import run_distributed
-from tests.training.helpers import make_data, make_job
-
-
-class _Recorder:
-    """The trainer's data iterator, noting the dataset index of every sample handed out."""
-
-    def __init__(self, batches) -> None:
-        self.batches, self.seen = batches, []
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.batches)
-        self.seen.extend(batch["index"].tolist())
-        return batch
-
-    def __getattr__(self, name):
-        return getattr(self.batches, name)
+from tests.training.helpers import KeyRecorder, make_data, make_job
 
 
 def _runs(rank: int, world: int, jobs: dict) -> dict:
@@ -37,7 +19,7 @@ def _runs(rank: int, world: int, jobs: dict) -> dict:
     out = {}
     for name, job in jobs.items():
         trainer = Trainer(job)
-        trainer.data = _Recorder(trainer.data)
+        trainer.data = KeyRecorder(trainer.data, trainer.dataset)
         start = trainer.consumed_samples_at(trainer.step)
         trainer.run()
         common = dist_checkpointing.load_common_state_dict(str(trainer.checkpointer.latest()))
