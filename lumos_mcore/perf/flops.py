@@ -43,6 +43,7 @@ __all__ = [
     "count_flops",
     "count_model_flops",
     "pixart_shape",
+    "recomputed_share",
 ]
 
 
@@ -109,6 +110,9 @@ class FlopCount:
     embed: float  # patch, timestep, size and condition embedders
     final: float  # output projection
     recompute: str = "none"
+    # Share of the blocks full recompute re-runs: 1 for megatron's "uniform" method, k / (layers
+    # per stage chunk) for "block" with recompute_num_layers=k (see recomputed_share).
+    recompute_share: float = 1.0
 
     @property
     def cross_attention(self) -> float:
@@ -137,7 +141,7 @@ class FlopCount:
     def hardware_train(self) -> float:
         """Train FLOPs actually executed, including recomputed forward work."""
         if self.recompute == "full":
-            return self.model_train + self.blocks_forward
+            return self.model_train + self.recompute_share * self.blocks_forward
         if self.recompute == "selective":
             return self.model_train + self.self_attention + self.cross_attention_core
         return self.model_train
@@ -168,6 +172,7 @@ def count_flops(
     recompute: str = "none",
     cond_tokens: int | None = None,
     single_token_cross: bool = False,
+    recompute_share: float = 1.0,
 ) -> FlopCount:
     """FLOPs of one sample of ``tokens`` image/video tokens (all frames) through ``shape``.
 
@@ -175,8 +180,11 @@ def count_flops(
     ``single_token_cross``: count the cross-attention as our DiT runs it for one condition token
     (``models/dit/cross_attention.py``): K/V of the token and the out-projection of one row per
     sample, ``4·D² + 2·D²``, instead of ``4·L·D² + 4·L·D + 4·D²`` -- the work that is executed,
-    so that MFU does not credit skipped work.
+    so that MFU does not credit skipped work. ``recompute_share``: the blocks full recompute
+    re-runs (:func:`recomputed_share`).
     """
+    if not 0.0 <= recompute_share <= 1.0:
+        raise ValueError(f"recompute_share={recompute_share}: must lie in [0, 1]")
     if tokens < 1:
         raise ValueError(f"tokens={tokens}: must be >= 1")
     if attention not in ATTENTION_MODES:
@@ -227,10 +235,23 @@ def count_flops(
         embed=embed,
         final=final,
         recompute=recompute,
+        recompute_share=recompute_share,
     )
 
 
-def count_model_flops(cfg, *, recompute: str | None = None) -> FlopCount:
+def recomputed_share(cfg, pp: int = 1, vpp: int | None = None) -> float:
+    """Share of the blocks full recompute re-runs in backward: all of them with megatron's
+    ``uniform`` method, the first ``recompute_num_layers`` of each pipeline (virtual) stage
+    chunk with ``block``."""
+    if getattr(cfg, "recompute", "none") != "full" or cfg.recompute_method != "block":
+        return 1.0
+    chunk = max(1, cfg.depth_ // (pp * (vpp or 1)))
+    return min(cfg.recompute_num_layers, chunk) / chunk
+
+
+def count_model_flops(
+    cfg, *, recompute: str | None = None, recompute_share: float = 1.0
+) -> FlopCount:
     """FLOPs of one training sample of the model a ``ModelConfig`` describes.
 
     The one place that maps a model config to :func:`count_flops` (token count, frames, video
@@ -245,4 +266,5 @@ def count_model_flops(cfg, *, recompute: str | None = None) -> FlopCount:
         attention="spatial_temporal" if getattr(cfg, "temporal_attention", False) else "full",
         recompute=recompute if recompute is not None else cfg.recompute,
         single_token_cross=True,
+        recompute_share=recompute_share,
     )

@@ -25,7 +25,7 @@ from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
 from lumos_mcore.ops import kernel_choices
 from lumos_mcore.parallel.state import init_distributed, initialize_parallel
-from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops
+from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops, recomputed_share
 from lumos_mcore.perf.hardware import rank_peak
 from lumos_mcore.perf.memory import MemoryEstimate, estimate_job_memory
 from lumos_mcore.training.checkpoint import Checkpointer, WeightsReport
@@ -247,7 +247,9 @@ class Trainer:
         once, on the logging rank only (CPU: a matmul probe; CUDA: the spec sheet).
         """
         job = self.job
-        flops = count_model_flops(job.model)
+        p = job.parallel
+        self.recompute_share = recomputed_share(job.model, p.pp, p.vpp)
+        flops = count_model_flops(job.model, recompute_share=self.recompute_share)
         self.tokens_per_step = job.train.global_batch_size * job.model.num_tokens
         self.model_flop_per_step = flops.model_train * job.train.global_batch_size
         self.hardware_flop_per_step = flops.hardware_train * job.train.global_batch_size
@@ -289,6 +291,7 @@ class Trainer:
                     attention="spatial_temporal" if m.temporal_attention else "full",
                     recompute=m.recompute,
                     single_token_cross=False,  # packs run the full cross-attention
+                    recompute_share=self.recompute_share,
                 )
             tokens += size[0]
             model += f.model_train

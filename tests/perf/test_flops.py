@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from lumos_mcore.hf import LumosTransformer2DModel
-from lumos_mcore.perf.flops import DiTShape, count_flops, pixart_shape
+from lumos_mcore.perf.flops import DiTShape, count_flops, pixart_shape, recomputed_share
 
 B, LATENT, P, D, HEADS, DEPTH, LC, CC = 2, 8, 2, 48, 2, 2, 3, 16
 TOKENS = (LATENT // P) ** 2
@@ -96,6 +96,29 @@ def test_full_recompute_repeats_the_blocks_forward():
     full = count_flops(shape, TOKENS, recompute="full")
     assert recomputed - plain == B * (full.hardware_train - full.model_train)
     assert full.hardware_train - full.model_train == full.blocks_forward
+
+
+def test_block_recompute_re_runs_the_first_layers_of_each_chunk():
+    """megatron's ``block`` method recomputes only ``recompute_num_layers`` of each (virtual)
+    stage chunk: HFU counts that share of the blocks' forward, ``uniform`` all of it."""
+    from lumos_mcore.config.model import ModelConfig
+
+    def share(method: str, k: int, pp: int = 1, vpp: int | None = None) -> float:
+        cfg = ModelConfig(
+            name="Lumos-XL/2", recompute="full", recompute_method=method, recompute_num_layers=k
+        )
+        return recomputed_share(cfg, pp, vpp)
+
+    assert share("uniform", 1) == 1.0
+    assert share("block", 1) == pytest.approx(1 / 28)
+    assert share("block", 7, pp=2) == pytest.approx(7 / 14)
+    assert share("block", 9, pp=2, vpp=2) == 1.0  # more than a 7-layer chunk: all of it
+    assert recomputed_share(ModelConfig(name="Lumos-XL/2")) == 1.0  # no recompute
+    shape = DiTShape(depth=DEPTH, hidden_size=D, num_heads=HEADS, cond_tokens=LC, cond_channels=CC)
+    part = count_flops(shape, TOKENS, recompute="full", recompute_share=0.25)
+    assert part.hardware_train - part.model_train == pytest.approx(0.25 * part.blocks_forward)
+    with pytest.raises(ValueError, match="recompute_share=1.5"):
+        count_flops(shape, TOKENS, recompute="full", recompute_share=1.5)
 
 
 def test_pixart_at_equal_dims_matches_its_count():
