@@ -37,7 +37,10 @@ def memo_on(tensors: tuple[Tensor, ...], tag: Hashable, build: Callable[[], T]) 
 
     ``build`` must not keep a reference to ``tensors`` in its result (the entry would keep them
     alive until the process ends). ``tag`` names what is derived and any ints it depends on.
+    Tensors made under ``torch.inference_mode`` track no version, so they are never memoised.
     """
+    if any(t.is_inference() for t in tensors):  # no version counter: in-place writes unseen
+        return build()
     key = (tag, *((id(t), t._version) for t in tensors))
     hit = _ENTRIES.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)):

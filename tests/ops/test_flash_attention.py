@@ -641,3 +641,20 @@ def test_packed_cross_attention_masks_are_built_once_per_forward(monkeypatch):
     fresh = layout.bind(context_valid=valid)  # the next forward builds its own
     dit_attention._packed_cross_attention(q, k, v, fresh, HN**-0.5)
     assert len(builds) == 2 * len(layout.groups)
+
+
+def test_masked_cross_attention_runs_under_inference_mode(config):
+    """Masks made under torch.inference_mode have no version counter: they are not memoised,
+    and the attention gives what it gives under no_grad."""
+    g = torch.Generator().manual_seed(14)
+    sdpa = SDPACoreAttention(config, layer_number=1, attention_type="cross")
+    q, k, v = qkv(g, 5, 6, 2, requires_grad=False)
+    with torch.no_grad():
+        mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+        mask[0, ..., 3:] = True
+        want = sdpa(q, k, v, mask)
+    with torch.inference_mode():
+        mask = torch.zeros(2, 1, 1, 6, dtype=torch.bool)
+        mask[0, ..., 3:] = True
+        got = sdpa(q, k, v, mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -50,3 +50,13 @@ def test_freed_tensors_take_their_entries_and_recycled_ids_miss():
         if id(t) == stale:
             break
         del t
+
+
+def test_inference_tensors_are_built_every_time():
+    """Made under torch.inference_mode, a tensor has no version counter to notice in-place
+    writes: no memo (and no crash reading it)."""
+    with torch.inference_mode():
+        a = torch.zeros(2)
+        assert memo_on((a,), "n", lambda: float(a.sum())) == 0.0
+        a += 1.0
+        assert memo_on((a,), "n", lambda: float(a.sum())) == 2.0
