@@ -13,3 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# On a checkout that was not pip-installed (the GPU proof machine) this makes ``lumos_kernels``
+# importable from kernels/ before any test imports it; lumos_mcore imports nothing heavy.
+import lumos_mcore  # noqa: E402, F401

@@ -5,7 +5,7 @@
         --out docs/benchmarks/kernels_aot.md --json /tmp/kernels.json
 
 Captures what one DiT layer's fused ops launch, forward and backward, at each model's width,
-head count and tensor-parallel head split (``kernels.aot.dit_layer_launches``: the real
+head count and tensor-parallel head split (``lumos_kernels.aot.dit_layer_launches``: the real
 launchers, with the adaLN chunk views and the strided q view the layer passes), and compiles
 every distinct launch with triton's CUDA backend down to a cubin for each architecture. No GPU
 or driver is needed: the ``ptxas`` shipped in the triton wheel assembles the binaries, and
@@ -28,13 +28,13 @@ import sys
 from pathlib import Path
 
 try:
-    import kernels  # noqa: F401
+    import lumos_kernels  # noqa: F401
 except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "kernels"))
 
 import torch
 
-from kernels import aot
+from lumos_kernels import aot
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _SHAPE = re.compile(r"^(\d+)x(\d+)$")
@@ -218,7 +218,7 @@ def to_json(rows: list[Row]) -> list[dict]:
 
 def _compiler_mode() -> None:
     """Compiling needs triton in compiler mode. triton fixes its mode on its first import, which
-    in this process happens only in ``kernels`` after this, so the variable is dropped here."""
+    in this process happens only in ``lumos_kernels`` after this, so the variable is dropped here."""
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit(
             "triton was already imported with TRITON_INTERPRET=1; run this tool in its own process"
@@ -252,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.tokens <= 0 or args.batch <= 0 or args.sm_count <= 0:
         raise SystemExit("--tokens, --batch and --sm-count must be positive")
     args.norms = [n.strip() for n in args.norms.split(",") if n.strip()]
-    from kernels.adaln import NORMS
+    from lumos_kernels.adaln import NORMS
 
     bad = [n for n in args.norms if n not in NORMS]
     if bad or not args.norms:
         raise SystemExit(f"--norms={args.norms}: choose from {', '.join(NORMS)}")
     _compiler_mode()
-    from kernels._triton import has_triton
+    from lumos_kernels._triton import has_triton
 
     if not has_triton():
         raise SystemExit("triton is not importable here: pip install -r requirements.txt")

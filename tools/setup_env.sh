@@ -12,11 +12,11 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 STAMP="$VENV/.lumos-req-stamp"
-REQ_HASH="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+REQ_HASH="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-dev.txt" "$ROOT/requirements-lock.txt" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$REQ_HASH" ]; then
   echo "[setup] installing requirements (CPU build; GPU extras: requirements-gpu.txt)"
   python -m pip install -q --upgrade pip
-  python -m pip install -q -r "$ROOT/requirements-dev.txt"
+  python -m pip install -q -r "$ROOT/requirements-dev.txt" -c "$ROOT/requirements-lock.txt"
   python -m pip install -q --no-deps -e "$ROOT"
   echo "$REQ_HASH" > "$STAMP"
 fi

@@ -1,7 +1,7 @@
 """Fused ops and attention backends for the DiT block, chosen per machine.
 
 ``norm_modulate``, ``gated_residual`` and ``apply_rope3d`` run the Triton kernels of the
-top-level ``kernels`` package on CUDA when triton imports and the kernel was measured faster
+``lumos_kernels`` package (``kernels/``) on CUDA when triton imports and the kernel was measured faster
 (see :mod:`lumos_mcore.ops.dispatch`), else their PyTorch references. ``attention`` /
 ``varlen_attention`` / ``FlashAttnCoreAttention`` run flash-attn where it is installed and
 applies, SDPA otherwise (:mod:`lumos_mcore.ops.flash_attention`).

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-import kernels
-from kernels import adaln as _nm
-from kernels import residual as _gr
-from kernels import rope3d as _rope
+import lumos_kernels
+from lumos_kernels import adaln as _nm
+from lumos_kernels import residual as _gr
+from lumos_kernels import rope3d as _rope
 from lumos_mcore.perf.hardware import time_calls
 
 log = logging.getLogger(__name__)
@@ -192,11 +192,11 @@ def _use_triton(
     if mode == "auto" and not all(t.is_cuda for t in tensors):
         _log_once(f"cpu:{op}", "kernel %s: torch (CPU tensors)", op)
         return False
-    if not kernels.has_triton():
+    if not lumos_kernels.has_triton():
         _log_once(f"notriton:{op}", "kernel %s: torch (triton is not importable)", op)
         return False
     if mode == "triton":
-        if kernels.can_launch(*tensors):
+        if lumos_kernels.can_launch(*tensors):
             _log_once(f"mode:{op}", "kernel %s: triton (%s=triton)", op, ENV)
             return True
         _log_once(f"cpu:{op}", "kernel %s: torch (triton cannot run on these tensors)", op)
@@ -260,7 +260,7 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor, bias: Tensor | None = Non
 
 def apply_rope3d(x: Tensor, freqs: Tensor) -> Tensor:
     """Rotate adjacent channel pairs of ``x [s, b, np, hn]`` (or ``[t, np, hn]``) by the
-    per-token angles ``freqs [s, P]`` (see :mod:`kernels.rope3d` for the 3-D band layout)."""
+    per-token angles ``freqs [s, P]`` (see :mod:`lumos_kernels.rope3d` for the 3-D band layout)."""
     args = (x, freqs)
     if _use_triton("rope3d", _rope.apply_rope3d_triton, _rope.apply_rope3d_reference, args, {}):
         return _rope.apply_rope3d_triton(*args)
@@ -343,8 +343,8 @@ def autoselect(
         )
     device = torch.device(device)
     mode = kernel_mode()
-    runnable = kernels.has_triton() and (
-        device.type == "cuda" or kernels.can_launch(torch.empty(0, device=device))
+    runnable = lumos_kernels.has_triton() and (
+        device.type == "cuda" or lumos_kernels.can_launch(torch.empty(0, device=device))
     )
     timings = torch.full((len(ops), 2), float("inf"), dtype=torch.float64)
     if runnable and mode == "auto":

@@ -19,9 +19,9 @@ S, B, D, H, HD = 1024, 2, 1152, 16, 72
 
 @pytest.fixture(autouse=True)
 def compiled_mode():
-    import kernels
+    import lumos_kernels
 
-    if kernels.interpret_mode():
+    if lumos_kernels.interpret_mode():
         pytest.skip("triton was imported in interpreter mode (TRITON_INTERPRET=1) in this process")
 
 
@@ -33,7 +33,7 @@ def _leaf(*shape, dtype=torch.bfloat16, scale=1.0, seed=0):
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_norm_modulate_cuda(norm, per_token):
-    from kernels import norm_modulate_reference, norm_modulate_triton
+    from lumos_kernels import norm_modulate_reference, norm_modulate_triton
 
     x = _leaf(S, B, D, scale=3.0, seed=1)
     ms = (S, B, D) if per_token else (1, B, D)
@@ -53,7 +53,7 @@ def test_norm_modulate_cuda(norm, per_token):
 
 @pytest.mark.parametrize("per_token", [False, True])
 def test_gated_residual_cuda(per_token):
-    from kernels import gated_residual_triton
+    from lumos_kernels import gated_residual_triton
 
     x, y = _leaf(S, B, D, seed=4), _leaf(S, B, D, seed=5)
     gate = _leaf(*((S, B, D) if per_token else (1, B, D)), seed=6)
@@ -70,7 +70,12 @@ def test_gated_residual_cuda(per_token):
 
 
 def test_rope3d_cuda_on_qkv_view():
-    from kernels import apply_rope3d_reference, apply_rope3d_triton, rope3d_freqs, rope3d_positions
+    from lumos_kernels import (
+        apply_rope3d_reference,
+        apply_rope3d_triton,
+        rope3d_freqs,
+        rope3d_positions,
+    )
 
     t, h, w = 4, 16, 16  # 1024 tokens
     freqs = rope3d_freqs(rope3d_positions(t, h, w), HD).cuda()
@@ -97,7 +102,7 @@ def test_dispatch_measures_and_records(monkeypatch):
         choice = ops.kernel_choices()["norm_modulate"]
         assert choice.triton_ms > 0 and choice.torch_ms > 0
         assert choice.backend == ("triton" if choice.triton_ms < choice.torch_ms else "torch")
-        from kernels import norm_modulate_reference
+        from lumos_kernels import norm_modulate_reference
 
         want = norm_modulate_reference(x.detach(), shift.detach(), scale.detach())
         assert rel_err(out, want) < 1e-2

@@ -1,6 +1,6 @@
 """Kernel tests run the Triton kernels on CUDA when there is a GPU, else in Triton's CPU
 interpreter. triton fixes its mode when first imported, so ``TRITON_INTERPRET=1`` is set here,
-at collection, before anything in this folder imports it (``kernels`` imports triton lazily)."""
+at collection, before anything in this folder imports it (``lumos_kernels`` imports triton lazily)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture
 def device() -> torch.device:
     """Where the kernels run in this session (CUDA, or CPU through the interpreter)."""
-    import kernels
+    import lumos_kernels
 
-    if not kernels.has_triton():
+    if not lumos_kernels.has_triton():
         pytest.skip("triton is not installed (pip install -r requirements.txt)")
-    if DEVICE.type == "cpu" and not kernels.interpret_mode():
+    if DEVICE.type == "cpu" and not lumos_kernels.interpret_mode():
         pytest.fail(
             "triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1, so its "
             "CPU interpreter is off; run `TRITON_INTERPRET=1 pytest ...` or tests/kernels alone"

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the kernels for GPUs that are not here (``kernels.aot``).
+"""Ahead-of-time compilation of the kernels for GPUs that are not here (``lumos_kernels.aot``).
 
 Capturing runs in this process (the recorders never touch triton); compiling needs triton in
 compiler mode, which this folder's conftest turned off, so it runs in a subprocess through
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import _triton, aot
-from kernels.adaln import norm_modulate_triton
-from kernels.rope3d import apply_rope3d_triton
+from lumos_kernels import _triton, aot
+from lumos_kernels.adaln import norm_modulate_triton
+from lumos_kernels.rope3d import apply_rope3d_triton
 
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = {
@@ -191,7 +191,7 @@ def test_compile_reports_a_kernel_that_does_not_compile(tmp_path: Path) -> None:
         import sys, torch
         sys.path.insert(0, sys.argv[1])
         import bad_kernels
-        from kernels import _triton, aot
+        from lumos_kernels import _triton, aot
         with aot.capture_launches() as launches:
             _triton.jit(bad_kernels.odd_block)[(1,)](torch.empty(8), 6, BLOCK=6)
         res = aot.compile_launch(launches[0], 90)

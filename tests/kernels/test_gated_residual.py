@@ -32,7 +32,7 @@ CASES = [
 
 @pytest.mark.parametrize("kind,with_bias,dtype", CASES)
 def test_forward_backward_match_float64(device, kind, with_bias, dtype):
-    from kernels import gated_residual_triton
+    from lumos_kernels import gated_residual_triton
 
     g = torch.Generator().manual_seed(hash((kind, with_bias, str(dtype))) % 2**31)
     x = torch.randn(S, B, D, generator=g).to(device, dtype).requires_grad_()
@@ -60,7 +60,7 @@ def test_forward_backward_match_float64(device, kind, with_bias, dtype):
 
 def test_residual_grad_is_passed_through(device):
     """``d x = d out`` exactly (no copy through a kernel, no rounding)."""
-    from kernels import gated_residual_triton
+    from lumos_kernels import gated_residual_triton
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(S, B, D, generator=g, device="cpu").to(device).requires_grad_()
@@ -74,7 +74,7 @@ def test_residual_grad_is_passed_through(device):
 
 
 def test_dispatcher_and_errors(device):
-    from kernels import gated_residual, gated_residual_reference
+    from lumos_kernels import gated_residual, gated_residual_reference
 
     g = torch.Generator().manual_seed(2)
     x, y = (

@@ -49,7 +49,7 @@ CASES = [
 
 @pytest.mark.parametrize("norm,kind,dtype", CASES)
 def test_forward_backward_match_float64(device, norm, kind, dtype):
-    from kernels import norm_modulate_reference, norm_modulate_triton
+    from lumos_kernels import norm_modulate_reference, norm_modulate_triton
 
     g = torch.Generator().manual_seed(hash((norm, kind, str(dtype))) % 2**31)
     x = (3 * torch.randn(S, B, D, generator=g) + 1).to(device, dtype).requires_grad_()
@@ -85,7 +85,7 @@ def test_forward_backward_match_float64(device, norm, kind, dtype):
 
 def test_reference_is_the_model_math(device):
     """The eager fallback is F.layer_norm + modulate (what DiTLayer computes without kernels)."""
-    from kernels import norm_modulate_reference
+    from lumos_kernels import norm_modulate_reference
 
     g = torch.Generator().manual_seed(3)
     x, shift, scale = (
@@ -104,7 +104,7 @@ def test_reference_is_the_model_math(device):
 
 
 def test_dispatcher_uses_triton_and_no_grad_path(device):
-    from kernels import norm_modulate, norm_modulate_triton
+    from lumos_kernels import norm_modulate, norm_modulate_triton
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(S, B, D, generator=g).to(device)
@@ -120,7 +120,7 @@ def test_dispatcher_uses_triton_and_no_grad_path(device):
 
 
 def test_bad_shapes_raise(device):
-    from kernels import norm_modulate_triton
+    from lumos_kernels import norm_modulate_triton
 
     x = torch.randn(S, B, D, device=device)
     with pytest.raises(ValueError, match="shift"):

@@ -14,7 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed (requirements.txt)
 
 
 def test_default_split_and_errors():
-    from kernels import default_rope3d_split, rope3d_freqs
+    from lumos_kernels import default_rope3d_split, rope3d_freqs
 
     assert default_rope3d_split(72) == (24, 24, 24)  # Lumos-XL head dim: equal thirds
     assert default_rope3d_split(64) == (24, 20, 20)
@@ -26,7 +26,7 @@ def test_default_split_and_errors():
 
 
 def test_positions_are_frame_major():
-    from kernels import rope3d_positions
+    from lumos_kernels import rope3d_positions
 
     t, h, w = 2, 3, 4
     pos = rope3d_positions(t, h, w)
@@ -39,7 +39,7 @@ def test_positions_are_frame_major():
 
 def test_freqs_bands():
     """Pair k of axis a's band turns by pos_a * theta ** (-2k / d_a)."""
-    from kernels import rope3d_freqs
+    from lumos_kernels import rope3d_freqs
 
     pos = torch.tensor([[3.0, 5.0, 7.0]])
     split, theta = (24, 20, 20), 10000.0
@@ -60,7 +60,7 @@ def test_reference_matches_megatron_interleaved_rope():
     """Same result as megatron's apply_rotary_pos_emb with rotary_interleaved=True."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
-    from kernels import (
+    from lumos_kernels import (
         apply_rope3d_reference,
         megatron_rotary_pos_emb,
         rope3d_freqs,
@@ -81,7 +81,12 @@ def test_reference_matches_megatron_interleaved_rope():
 
 def test_freqs_match_the_model_rope_and_megatron_layout_roundtrips():
     """The model's 3-D RoPE table (models.common.rope) is this module's, in megatron layout."""
-    from kernels import freqs_from_megatron, megatron_rotary_pos_emb, rope3d_freqs, rope3d_positions
+    from lumos_kernels import (
+        freqs_from_megatron,
+        megatron_rotary_pos_emb,
+        rope3d_freqs,
+        rope3d_positions,
+    )
     from lumos_mcore.models.common.rope import rope_freqs
 
     pos = rope3d_positions(3, 4, 5)
@@ -92,7 +97,7 @@ def test_freqs_match_the_model_rope_and_megatron_layout_roundtrips():
 
 
 def test_reference_is_complex_rotation_and_relative():
-    from kernels import apply_rope3d_reference, rope3d_freqs
+    from lumos_kernels import apply_rope3d_reference, rope3d_freqs
 
     g = torch.Generator().manual_seed(1)
     pos = torch.tensor([[1.0, 2.0, 3.0], [4.0, 6.0, 3.5], [2.0, 3.0, 4.0], [5.0, 7.0, 4.5]])
@@ -130,7 +135,7 @@ CASES = [
 
 
 def test_vector_width_is_the_16_byte_unit_that_divides_every_stride():
-    from kernels.rope3d import _vector_width
+    from lumos_kernels.rope3d import _vector_width
 
     qkv = torch.empty(4, 2, 3, 3 * 72, dtype=torch.bfloat16)
     assert _vector_width(qkv[..., :72]) == 8
@@ -141,7 +146,12 @@ def test_vector_width_is_the_16_byte_unit_that_divides_every_stride():
 
 @pytest.mark.parametrize("layout,dtype,split,hd", CASES)
 def test_triton_forward_backward_match_float64(device, layout, dtype, split, hd):
-    from kernels import apply_rope3d_reference, apply_rope3d_triton, rope3d_freqs, rope3d_positions
+    from lumos_kernels import (
+        apply_rope3d_reference,
+        apply_rope3d_triton,
+        rope3d_freqs,
+        rope3d_positions,
+    )
 
     g = torch.Generator().manual_seed(hash((layout, str(dtype), split, hd)) % 2**31)
     t, h, w, b, nh = 2, 2, 3, 2, 3
@@ -170,7 +180,7 @@ def test_triton_forward_backward_match_float64(device, layout, dtype, split, hd)
 
 
 def test_dispatcher_and_errors(device):
-    from kernels import apply_rope3d, apply_rope3d_reference, rope3d_freqs, rope3d_positions
+    from lumos_kernels import apply_rope3d, apply_rope3d_reference, rope3d_freqs, rope3d_positions
 
     freqs = rope3d_freqs(rope3d_positions(1, 2, 2), 8, split=(4, 2, 2)).to(device)
     x = torch.randn(4, 1, 2, 8, device=device)

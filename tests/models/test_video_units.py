@@ -99,7 +99,7 @@ def test_rope_matches_kernel_convention_and_ntk_scaling():
     hd = 72
     base = rope_freqs(coords, hd)
     try:
-        from kernels.rope3d import rope3d_freqs
+        from lumos_kernels.rope3d import rope3d_freqs
     except ImportError:
         rope3d_freqs = None
     if rope3d_freqs is not None:  # same convention as the fused kernel

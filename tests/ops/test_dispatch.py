@@ -40,7 +40,7 @@ def test_mode_validation(monkeypatch):
 
 
 def test_auto_on_cpu_is_the_reference_and_logged_once(caplog):
-    from kernels import norm_modulate_reference
+    from lumos_kernels import norm_modulate_reference
     from lumos_mcore import ops
 
     x, shift, scale = inputs(torch.Generator().manual_seed(0))
@@ -55,17 +55,19 @@ def test_auto_on_cpu_is_the_reference_and_logged_once(caplog):
 
 def test_forced_modes(monkeypatch):
     """LUMOS_KERNELS=triton runs the kernel (CPU: in the interpreter), =torch the reference."""
-    import kernels
+    import lumos_kernels
     from lumos_mcore import ops
 
-    if not kernels.interpret_mode() and not torch.cuda.is_available():
+    if not lumos_kernels.interpret_mode() and not torch.cuda.is_available():
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled on GPU, else interpreted
     g = torch.Generator().manual_seed(1)
     x, shift, scale = (t.detach().to(dev).requires_grad_() for t in inputs(g))
     y = torch.randn(S, B, D, generator=g).to(dev)
     gate, bias = torch.randn(B, D, generator=g).to(dev), torch.randn(D, generator=g).to(dev)
-    freqs = kernels.rope3d_freqs(kernels.rope3d_positions(1, 2, 3), 8, split=(4, 2, 2)).to(dev)
+    freqs = lumos_kernels.rope3d_freqs(
+        lumos_kernels.rope3d_positions(1, 2, 3), 8, split=(4, 2, 2)
+    ).to(dev)
     q = torch.randn(S, B, 3, 8, generator=g).to(dev)
 
     monkeypatch.setenv("LUMOS_KERNELS", "triton")
@@ -75,9 +77,9 @@ def test_forced_modes(monkeypatch):
         ops.apply_rope3d(q, freqs),
     ]
     want = [
-        kernels.norm_modulate_triton(x, shift, scale, 1e-6, "rmsnorm"),
-        kernels.gated_residual_triton(x, y, gate, bias),
-        kernels.apply_rope3d_triton(q, freqs),
+        lumos_kernels.norm_modulate_triton(x, shift, scale, 1e-6, "rmsnorm"),
+        lumos_kernels.gated_residual_triton(x, y, gate, bias),
+        lumos_kernels.apply_rope3d_triton(q, freqs),
     ]
     for a, b in zip(got, want):
         assert torch.equal(a, b)
@@ -85,15 +87,15 @@ def test_forced_modes(monkeypatch):
 
     monkeypatch.setenv("LUMOS_KERNELS", "torch")
     ref = ops.norm_modulate(x, shift, scale, 1e-6, "rmsnorm")
-    assert torch.equal(ref, kernels.norm_modulate_reference(x, shift, scale, 1e-6, "rmsnorm"))
+    assert torch.equal(ref, lumos_kernels.norm_modulate_reference(x, shift, scale, 1e-6, "rmsnorm"))
     torch.testing.assert_close(ref, want[0], rtol=1e-5, atol=1e-5)
 
 
 def test_autoselect_single_process_picks_the_faster():
-    import kernels
+    import lumos_kernels
     from lumos_mcore import ops
 
-    if not kernels.can_launch(torch.empty(0)):
+    if not lumos_kernels.can_launch(torch.empty(0)):
         pytest.skip("needs the triton interpreter for CPU timing")
     choices = ops.autoselect(
         seq_len=8, batch=1, hidden_size=16, num_heads=2, dtype=torch.float32, device="cpu"
@@ -147,7 +149,7 @@ def test_measurement_is_forward_and_backward_even_from_a_no_grad_forward():
 
 
 def test_a_failing_kernel_times_infinite_and_keeps_the_reference(caplog):
-    from kernels import norm_modulate_reference
+    from lumos_kernels import norm_modulate_reference
     from lumos_mcore.ops import dispatch
 
     def broken(*args, **kwargs):
@@ -204,7 +206,7 @@ def _model_on_kernels(rank, world, mode):
     Triton RoPE launches (the attention's q and k of every self-attention)."""
     import os
 
-    import kernels.rope3d
+    import lumos_kernels.rope3d
     from lumos_mcore.config.model import ModelConfig
     from lumos_mcore.config.parallel import ParallelConfig
     from lumos_mcore.models.dit.model import LumosDiT, build_transformer_config
@@ -212,8 +214,8 @@ def _model_on_kernels(rank, world, mode):
 
     os.environ["LUMOS_KERNELS"] = mode
     calls = []
-    real = kernels.rope3d.apply_rope3d_triton
-    kernels.rope3d.apply_rope3d_triton = lambda *a: calls.append(1) or real(*a)
+    real = lumos_kernels.rope3d.apply_rope3d_triton
+    lumos_kernels.rope3d.apply_rope3d_triton = lambda *a: calls.append(1) or real(*a)
     cfg = ModelConfig(
         name="Lumos-Tiny/2", latent_size=4, cond_tokens=1, cond_channels=16, variant="i2v",
         num_frames=2, pos_embed="rope", video_attention="spatial_temporal",
@@ -234,9 +236,9 @@ def _model_on_kernels(rank, world, mode):
 def test_model_rope_runs_the_kernel_and_matches_the_reference():
     """LUMOS_KERNELS=triton puts the DiT's RoPE (and norm/residual ops) on the Triton kernels
     (interpreted on CPU) with the reference model's outputs and gradients."""
-    import kernels
+    import lumos_kernels
 
-    if not kernels.can_launch(torch.empty(0)) and not torch.cuda.is_available():
+    if not lumos_kernels.can_launch(torch.empty(0)) and not torch.cuda.is_available():
         pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)")
     ((out, grad, n_kernel, depth),) = run_distributed(_model_on_kernels, 1, "triton", timeout=300)
     ((ref, ref_grad, n_ref, _),) = run_distributed(_model_on_kernels, 1, "torch", timeout=300)

@@ -8,7 +8,7 @@ the temporal rotation is common to query and key and cancels, and along the temp
 spatial rotations cancel. So the same angles serve full 3-D, per-frame (spatial) and
 per-position (temporal) attention.
 
-Convention (the one of ``kernels/rope3d.py``, so the fused kernel is a drop-in): a pair is two
+Convention (the one of ``kernels/lumos_kernels/rope3d.py``, so the fused kernel is a drop-in): a pair is two
 *adjacent* channels ``(2k, 2k + 1)`` rotated as the complex number ``x[2k] + i x[2k+1]``
 (Lumina-Next's ``view_as_complex``; megatron's ``rotary_interleaved=True``); the ``hn / 2`` pairs
 are cut into three contiguous bands ``[t | h | w]``, the spatial axes getting ``floor(P / 3)``

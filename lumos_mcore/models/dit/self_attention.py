@@ -5,7 +5,7 @@ the core attention, through a module-level function of its attention module: unf
 the input dtype, or TransformerEngine's fused RoPE when ``apply_rope_fusion`` is set (interleaved
 pairs need TE >= 2.3). :class:`DiTSelfAttention` rotates ``q`` and ``k`` at the same point --
 right after :meth:`get_query_key_value_tensors` -- through :func:`lumos_mcore.ops.apply_rope3d`:
-the Triton kernel of ``kernels/rope3d.py`` on CUDA where it was measured faster (forward and
+the Triton kernel of ``kernels/lumos_kernels/rope3d.py`` on CUDA where it was measured faster (forward and
 backward, one pass over q / k reading megatron's strided views without a copy), the PyTorch
 reference otherwise. The reference computes in float32 and rounds once; in float32 it gives the
 same values as megatron's interleaved path (same products, same sums), so every parity test

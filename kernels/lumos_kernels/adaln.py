@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._triton import (
+from lumos_kernels._triton import (
     can_launch,
     jit,
     modulation_view,
@@ -28,7 +28,7 @@ from kernels._triton import (
     split_rows,
 )
 
-tl: Any = None  # triton.language, bound by kernels._triton.jit on the first launch
+tl: Any = None  # triton.language, bound by lumos_kernels._triton.jit on the first launch
 
 __all__ = ["NORMS", "norm_modulate", "norm_modulate_reference", "norm_modulate_triton"]
 
@@ -54,7 +54,7 @@ def _check_norm(norm: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (compiled on first launch, see kernels._triton.jit)
+# Triton kernels (compiled on first launch, see lumos_kernels._triton.jit)
 # ---------------------------------------------------------------------------------------------
 def _fwd_kernel(
     X,

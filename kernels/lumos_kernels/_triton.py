@@ -29,7 +29,7 @@ __all__ = [
 
 _TRITON: dict[str, Any] = {}
 _JIT_CACHE: dict[Callable[..., Any], Any] = {}
-# Set by kernels.aot.capture_launches: jit() then hands out launch recorders, so the launchers'
+# Set by lumos_kernels.aot.capture_launches: jit() then hands out launch recorders, so the launchers'
 # exact arguments can be compiled ahead of time for a GPU that is not here.
 _LAUNCH_HOOK: Callable[[Callable[..., Any]], Any] | None = None
 # Streaming multiprocessors to size grids for while capturing (the GPU is not here).
@@ -74,7 +74,7 @@ def can_launch(*tensors: torch.Tensor) -> bool:
 
 def jit(fn: Callable[..., Any]) -> Any:
     """``triton.jit(fn)``, built on first use and cached (a launch recorder while
-    :func:`kernels.aot.capture_launches` is active)."""
+    :func:`lumos_kernels.aot.capture_launches` is active)."""
     if _LAUNCH_HOOK is not None:
         return _LAUNCH_HOOK(fn)
     mods = _modules()

@@ -1,8 +1,8 @@
 """Triton kernels for the DiT block, each with its PyTorch reference (standalone package).
 
-- :mod:`kernels.adaln` -- non-affine LayerNorm / RMSNorm + adaLN ``(1 + scale), shift``
-- :mod:`kernels.residual` -- ``x + gate * (y + bias)``
-- :mod:`kernels.rope3d` -- 3-D rotary embedding of frame-major video tokens
+- :mod:`lumos_kernels.adaln` -- non-affine LayerNorm / RMSNorm + adaLN ``(1 + scale), shift``
+- :mod:`lumos_kernels.residual` -- ``x + gate * (y + bias)``
+- :mod:`lumos_kernels.rope3d` -- 3-D rotary embedding of frame-major video tokens
 
 Every op exists three ways: ``*_reference`` (eager PyTorch, the math the model uses without
 kernels), ``*_triton`` (forward and backward Triton kernels in a ``torch.autograd.Function``) and
@@ -12,10 +12,10 @@ triton is imported lazily (first launch): when it is imported with ``TRITON_INTE
 the Triton path runs on CPU tensors in its interpreter (how the CPU test suite checks it).
 """
 
-from kernels._triton import can_launch, has_triton, interpret_mode
-from kernels.adaln import norm_modulate, norm_modulate_reference, norm_modulate_triton
-from kernels.residual import gated_residual, gated_residual_reference, gated_residual_triton
-from kernels.rope3d import (
+from lumos_kernels._triton import can_launch, has_triton, interpret_mode
+from lumos_kernels.adaln import norm_modulate, norm_modulate_reference, norm_modulate_triton
+from lumos_kernels.residual import gated_residual, gated_residual_reference, gated_residual_triton
+from lumos_kernels.rope3d import (
     apply_rope3d,
     apply_rope3d_reference,
     apply_rope3d_triton,

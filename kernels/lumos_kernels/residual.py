@@ -8,7 +8,7 @@ token (``[S, B, D]``); ``bias`` is ``[D]`` or absent.
 
 Backward: ``dx = dout`` (passed through, no copy), ``dy = dout * gate``,
 ``d gate = sum_s dout * (y + bias)`` and ``d bias = sum_{s,b} dout * gate``, the sums reduced
-per ``(chunk, sample)`` program as in :mod:`kernels.adaln`.
+per ``(chunk, sample)`` program as in :mod:`lumos_kernels.adaln`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels._triton import (
+from lumos_kernels._triton import (
     can_launch,
     jit,
     modulation_view,
@@ -27,7 +27,7 @@ from kernels._triton import (
     split_rows,
 )
 
-tl: Any = None  # triton.language, bound by kernels._triton.jit on the first launch
+tl: Any = None  # triton.language, bound by lumos_kernels._triton.jit on the first launch
 
 __all__ = ["gated_residual", "gated_residual_reference", "gated_residual_triton"]
 

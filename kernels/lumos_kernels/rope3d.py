@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernels._triton import can_launch, jit, next_pow2
+from lumos_kernels._triton import can_launch, jit, next_pow2
 
-tl: Any = None  # triton.language, bound by kernels._triton.jit on the first launch
+tl: Any = None  # triton.language, bound by lumos_kernels._triton.jit on the first launch
 
 __all__ = [
     "apply_rope3d",

@@ -8,7 +8,7 @@ memory, shared memory). Triton's CUDA backend needs no driver to lower a kernel 
 can be compiled here for sm_90 (H100 / H200) or sm_100 (B200).
 
 What is compiled is what the launchers really launch: :func:`capture_launches` makes
-``kernels._triton.jit`` hand out recorders, the ``*_triton`` ops run forward and backward on CPU
+``lumos_kernels._triton.jit`` hand out recorders, the ``*_triton`` ops run forward and backward on CPU
 tensors shaped like a DiT layer's (:func:`dit_layer_launches`), and every recorded launch keeps
 the argument types, the 16-byte divisibility and the ``1``-valued integers that Triton
 specialises on at a real launch (:func:`arg_spec`). Nothing runs on the recorded tensors: the
@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from kernels import _triton
+from lumos_kernels import _triton
 
 __all__ = [
     "ARCH_NAMES",
@@ -244,9 +244,9 @@ def dit_layer_launches(
     device by default: no memory at 128K tokens, and addresses are offsets from a 0 base, i.e.
     the alignment of views of a fresh CUDA allocation (256-byte aligned).
     """
-    from kernels.adaln import norm_modulate_triton
-    from kernels.residual import gated_residual_triton
-    from kernels.rope3d import apply_rope3d_triton
+    from lumos_kernels.adaln import norm_modulate_triton
+    from lumos_kernels.residual import gated_residual_triton
+    from lumos_kernels.rope3d import apply_rope3d_triton
 
     if heads % tp:
         raise ValueError(f"heads={heads} is not divisible by tp={tp}")
