@@ -266,7 +266,11 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         self.pack_length = pack_length
         self._collate = collate
         self.on_global_batch: Callable[[int], None] | None = None
-        self.dropped_in_packs = 0  # samples that failed to read and left their pack (this rank)
+        # Samples that failed to read (this rank): replaced by a no larger one from after the
+        # step's window, or, when none is found nearby, left out (the step's loss then weighs
+        # kept / planned: the scale is fixed when the step is planned, before any read).
+        self.replaced_in_packs = 0
+        self.dropped_in_packs = 0
         tokens = np.asarray(self.sizes.token_counts(), dtype=np.int64)  # [N]
         if tokens.max(initial=0) > capacity:
             i = int(tokens.argmax())
@@ -426,17 +430,25 @@ class PackedMicroBatchIterator(MicroBatchIterator):
     def _load(self, batch_start: int, micro_batch: int) -> dict[str, Any]:
         plan = self.plan(batch_start)
         pack = plan.packs[self.dp_rank][micro_batch]
-        samples, positions = [], []
+        exclude = {i for r in plan.packs for pk in r for _, i in pk}
+        loaded: list[tuple[int, int, Any]] = []  # (position, index, sample)
         for pos, index in pack:
             sample = self.dataset.get_or_none(index)  # a failure is counted by the dataset
             if sample is None:
+                found = self._replacement(batch_start, int(self._tokens[index]), exclude)
                 with self._stats_lock:
-                    self.dropped_in_packs += 1
-                continue
-            samples.append(sample)
-            positions.append(pos)
+                    if found is None:
+                        self.dropped_in_packs += 1
+                    else:
+                        self.replaced_in_packs += 1
+                if found is None:
+                    continue
+                index, sample = found
+            loaded.append((pos, index, sample))
+        # the planned order (same-shape samples adjacent) also with a smaller replacement
+        loaded.sort(key=lambda m: (-int(self._tokens[m[1]]), self.sizes.shape(m[1]), m[0]))
+        samples, positions = [m[2] for m in loaded], [m[0] for m in loaded]
         if not samples:  # every sample failed: the next good one that reads takes the slot
-            exclude = {i for r in plan.packs for pk in r for _, i in pk}
             p = batch_start + self.global_batch_size
             while True:
                 p, index = self._filler(p, exclude)
@@ -455,6 +467,24 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         if self.pack_length is not None:
             out["pack_length"] = int(self.pack_length)
         return out
+
+    def _replacement(
+        self, batch_start: int, max_tokens: int, exclude: set[int]
+    ) -> tuple[int, Any] | None:
+        """``(index, sample)`` to stand in for a sample that failed to read: the first one after
+        the step's window that is no larger (so the pack keeps its capacity and fixed length),
+        not in ``exclude`` (updated) and reads. Keeps the step's sample count, which the loss
+        scale assumes. The search is bounded (a few global batches); ``None`` drops the slot."""
+        start = batch_start + self.global_batch_size
+        for p in range(start, start + min(4 * self.global_batch_size, self.order.num_samples)):
+            index = int(self.order.indices(p, 1)[0])
+            if index in exclude or not 0 < self._tokens_of(index) <= max_tokens:
+                continue
+            exclude.add(index)
+            sample = self.dataset.get_or_none(index)
+            if sample is not None:
+                return index, sample
+        return None
 
     def __next__(self) -> dict[str, Any]:
         batch = super().__next__()

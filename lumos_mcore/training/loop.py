@@ -396,6 +396,17 @@ class Trainer:
             )
         return StallTimer(data)
 
+    def _pack_counts(self) -> dict[str, float]:
+        """Unreadable samples of packed runs (this rank): replaced by a no larger one, or left
+        out when none was near (that step's loss then weighs fewer samples)."""
+        packed = self._packed
+        if packed is None:
+            return {}
+        return {
+            "data/pack_replaced": float(packed.replaced_in_packs),
+            "data/pack_dropped": float(packed.dropped_in_packs),
+        }
+
     def _check_latent_shape(self, shape: tuple[int, ...] | None) -> None:
         """The unpacked latents must be the size the config describes: the model takes its
         token count from the batch, while tokens/s, MFU and the memory estimate count
@@ -619,6 +630,7 @@ class Trainer:
                     "memory/estimate_gib": self.memory_estimate.total / 2**30,
                     "data/bad_samples": float(self.dataset.num_bad),
                     **{f"data/bad/{k}": float(v) for k, v in self.dataset.bad_counts.items()},
+                    **self._pack_counts(),
                     **self.data.window(),
                 }
             )

@@ -1,6 +1,7 @@
 """The packed data loader: packs of mixed images/videos within capacity, every sample of a step's
 window exactly once, equal pack counts and balanced tokens over DP ranks, exact resume (also
-with prefetch threads), DP-resize semantics, bad samples dropped and counted, config errors, and
+with prefetch threads), DP-resize semantics, bad samples replaced (or dropped) and counted, config
+errors, and
 a loader pack whose loss equals the mean of its samples' unpacked losses."""
 
 from __future__ import annotations
@@ -178,20 +179,51 @@ def _corrupt(ds: FeatureDataset, index: int) -> None:
         f.write(b"BROKEN")
 
 
-def test_bad_sample_in_pack_is_dropped_and_counted(tmp_path):
+def _step_samples(packs: list[dict]) -> list[tuple[int, int]]:
+    return sorted(
+        (p, i) for b in packs for p, i in zip(b["position"].tolist(), b["index"].tolist())
+    )
+
+
+def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path):
     path = write_synthetic_feature_shards(
         tmp_path / "d", num_samples=24, shapes=SHAPES, cond_dim=16, samples_per_shard=12, seed=1
     )
     clean = _ds(path)
-    ref = _it(clean, dp_size=1).next_global_batch()
+    ref_it = _it(clean, dp_size=1)
+    ref = ref_it.next_global_batch()
+    tokens = clean.token_counts(PATCH)
     victim = ref[0]["index"].tolist()[1]  # a sample sharing its pack with others
+    pos = ref[0]["position"].tolist()[1]
     _corrupt(clean, victim)
     ds = _ds(path, max_bad_fraction=0.2)
-    got = _it(ds, dp_size=1).next_global_batch()
+    it = _it(ds, dp_size=1)
+    got = it.next_global_batch()
     assert len(got) == len(ref)
-    want = [i for b in ref for i in b["index"].tolist() if i != victim]
-    assert [i for b in got for i in b["index"].tolist()] == want
+    # The step keeps its planned sample count (the loss scale assumes it): the victim's slot
+    # (its position) holds the first sample after the window with no more tokens.
+    window = set(ref_it.order.indices(0, GB).tolist())
+    after = [int(i) for i in it.order.indices(GB, GB)]
+    stand_in = next(i for i in after if i not in window and tokens[i] <= tokens[victim])
+    want = sorted((p, stand_in if i == victim else i) for p, i in _step_samples(ref))
+    assert _step_samples(got) == want
+    assert sum(len(b["latent"]) for b in got) == GB
+    assert all(_tokens(b) <= CAPACITY for b in got)
     assert ds.bad_counts["undecodable"] == 1 and ds.num_bad == 1
+    assert (it.replaced_in_packs, it.dropped_in_packs) == (1, 0)
+    assert any(p == pos for p, _ in _step_samples(got))
+
+    # No stand-in that small nearby: the sample leaves its pack (counted as dropped).
+    small = int(tokens.min())
+    victim = next(i for b in ref for i in b["index"].tolist() if tokens[i] == small)
+    clean2 = _ds(path)
+    _corrupt(clean2, victim)
+    ds = _ds(path, max_bad_fraction=0.2)
+    it = _it(ds, dp_size=1)
+    it._tokens[[i for i in after if i not in window]] = small + 1  # every later sample larger
+    got = it.next_global_batch()
+    assert _step_samples(got) == [(p, i) for p, i in _step_samples(ref) if i != victim]
+    assert (it.replaced_in_packs, it.dropped_in_packs) == (0, 1)
 
     # A pack whose only sample is bad: its slot takes the next good sample after the window.
     same = write_synthetic_feature_shards(
@@ -208,7 +240,7 @@ def test_bad_sample_in_pack_is_dropped_and_counted(tmp_path):
     assert len(got) == len(ref) == 2  # the rank still runs its share of packs
     assert got[0]["position"].item() == pos and got[0]["index"].item() != victim
     assert got[0]["index"].item() == it.order.indices(4, 1).item()
-    assert ds.bad_counts["undecodable"] == 1 and it.dropped_in_packs == 1
+    assert ds.bad_counts["undecodable"] == 1 and it.replaced_in_packs == 1
     # Past data.max_bad_fraction (1 of 8 > 0.1) the run stops, naming the flag.
     with pytest.raises(BadDataError, match="max_bad_fraction"):
         _it(_ds(same, max_bad_fraction=0.1), capacity=16, global_batch_size=4).next_global_batch()

@@ -95,6 +95,7 @@ def test_packed_training_dp2_loss_goes_down(tmp_path):
     assert last < 0.8 * first, f"packed loss {first:.4f} -> {last:.4f}"
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["data/bad_samples"] == 0.0
+    assert (metrics[-1]["data/pack_replaced"], metrics[-1]["data/pack_dropped"]) == (0.0, 0.0)
     # Packs per step per rank (megatron's micro-batches) follow each window's plan: 2 or 3
     # here; a trainer stuck at the first step's count would read 2 every step.
     assert {m["data/batches"] for m in metrics} == {2.0, 3.0}
@@ -102,3 +103,28 @@ def test_packed_training_dp2_loss_goes_down(tmp_path):
     tokens = [m["throughput/tokens_per_s"] * m["throughput/step_time_ms"] / 1e3 for m in metrics]
     assert all(8 * 16 - 1e-6 <= t <= 8 * 48 + 1e-6 for t in tokens), tokens
     assert len({round(t) for t in tokens}) > 1 and max(tokens) < 8 * 48
+
+
+def test_packed_training_replaces_a_broken_sample_and_reports_it(tmp_path):
+    """A sample whose latent no longer decodes is skipped and counted; in its pack a no larger
+    sample from after the step's window takes its place, so the step trains on its planned
+    number of samples, and the metrics say so (``data/pack_replaced``)."""
+    from lumos_mcore.data.features import FeatureDataset
+    from lumos_mcore.data.shards import LATENT, MEMBER_COLUMN
+
+    data = write_synthetic_feature_shards(
+        tmp_path / "data", num_samples=16, shapes=SHAPES, cond_tokens=1, cond_dim=32, seed=0
+    )
+    job = _packed_job(data, tmp_path / "run", steps=2)
+    job.data.max_bad_fraction = 0.2
+    ds = FeatureDataset(job.data)
+    victim = 5  # 2 steps x 8 samples read all 16 once: the victim is in one step's window
+    with open(ds.shard_path(victim), "r+b") as f:  # break the .npy magic of its latent
+        f.seek(int(ds._offsets[victim, MEMBER_COLUMN[LATENT]]))
+        f.write(b"BROKEN")
+    (res,) = run_distributed(train_in_process, 1, job, timeout=300)
+    assert len(res["losses"]) == 2 and all(math.isfinite(x) for x in res["losses"])
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["data/bad_samples"] == 1.0
+    assert metrics[-1]["data/bad/undecodable"] == 1.0
+    assert (metrics[-1]["data/pack_replaced"], metrics[-1]["data/pack_dropped"]) == (1.0, 0.0)
