@@ -1026,12 +1026,12 @@ def row_line(row: Row) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file in the same folder and ``os.replace``: a reader, or a
-    kill mid-write, sees the previous complete file or the new one, never half of one."""
+    """A reader, or a kill mid-write, sees the previous complete report or the new one, never
+    half of one (the folder is created first)."""
+    from lumos_mcore.durable import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 @dataclass

@@ -27,9 +27,9 @@ from lumos_mcore.convert.pipeline import (
     atomic_output,
     head_count,
     stream_weights,
-    write_durably,
     written_dtype,
 )
+from lumos_mcore.durable import write_durably
 from lumos_mcore.models.dit.hf_adapter import ConversionError
 
 __all__ = ["inflate_i2i_to_i2v"]

@@ -47,6 +47,7 @@ from lumos_mcore.convert.sources import (
     model_config_from_dict,
     open_source,
 )
+from lumos_mcore.durable import fsync_dir, fsync_file, write_durably
 from lumos_mcore.models.dit.hf_adapter import (
     ConversionError,
     StateDictConverter,
@@ -326,7 +327,7 @@ def atomic_output(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         if not built.exists():
             raise RuntimeError(f"conversion wrote nothing into {built}")
         _swap_into_place(built, dst, stage / "replaced")
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         shutil.rmtree(stage, ignore_errors=True)
     except _OldOutputKeptError:
         raise  # the previous output lies in the staging folder: keep it
@@ -366,28 +367,6 @@ def _swap_into_place(built: Path, dst: Path, aside: Path) -> None:
                     f"moved back: it is kept at {aside}; move it to {dst} by hand"
                 ) from err
         raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` and fsync it, so the output renamed into place after it
-    (``atomic_output``) never holds an empty file after a crash."""
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _dtype_names(dtypes) -> str:
@@ -437,8 +416,8 @@ def _write_safetensors_folder(
         writer.abort()
     write_durably(folder / "config.json", _diffusers_config(class_name, config))
     for index in folder.glob("*.index.json"):  # written by the writer's close()
-        _fsync_file(index)
-    _fsync_dir(folder)
+        fsync_file(index)
+    fsync_dir(folder)
 
 
 def _save_mcore(

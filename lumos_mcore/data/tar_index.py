@@ -24,41 +24,14 @@ from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
+from lumos_mcore.durable import atomic_write_bytes, fsync_dir
+
 INDEX_NAME = "index.json"
 
 logger = logging.getLogger(__name__)
 
 _Index = TypeVar("_Index", bound="TarIndex")
 _Writer = TypeVar("_Writer", bound="TarShardWriter")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames / unlinks inside ``path`` durable (no-op where directories cannot be
-    opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_key(key: str) -> None:

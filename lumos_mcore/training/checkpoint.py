@@ -37,6 +37,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from torch import nn
 
+from lumos_mcore.durable import atomic_write_text, fsync_dir
 from lumos_mcore.training.compat import apply_optimizer_checkpoint_fix
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.setup import unwrap, use_fused_torch_adamw
@@ -123,14 +124,6 @@ def _unshare_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Checkpointer:
     """Save / find / load training checkpoints under one root folder."""
 
@@ -162,7 +155,7 @@ class Checkpointer:
                 else:  # killed between the two renames: the previous save is still good
                     log.warning("restoring checkpoint %s (its re-save never completed)", final)
                     os.replace(p, final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         dist.barrier()
 
     # -- save ------------------------------------------------------------------------------
@@ -200,12 +193,7 @@ class Checkpointer:
                 os.replace(final, replaced)
             os.replace(partial, final)
             shutil.rmtree(replaced, ignore_errors=True)
-            tmp = self.root / (_LATEST + ".tmp")
-            tmp.write_text(final.name + "\n")
-            with open(tmp) as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / _LATEST)
-            _fsync_dir(self.root)
+            atomic_write_text(self.root / _LATEST, final.name + "\n")
             self._prune(keep=final)
         dist.barrier()
         return final

@@ -6,7 +6,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from lumos_mcore.data.features import FeatureDataset
 from lumos_mcore.data.media.stall import StallTimer
 from lumos_mcore.data.sampler import MicroBatchIterator
 from lumos_mcore.diffusion.objective import build_objective
+from lumos_mcore.durable import atomic_write_text
 from lumos_mcore.ops import kernel_choices
 from lumos_mcore.parallel.state import init_distributed, initialize_parallel
 from lumos_mcore.perf.flops import DiTShape, count_flops, count_model_flops, recomputed_share
@@ -673,9 +673,7 @@ class Trainer:
                 continue
             keep.append(line)
         if len(keep) != len(lines):
-            tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(f"{line}\n" for line in keep))
-            os.replace(tmp, self.metrics_path)
+            atomic_write_text(self.metrics_path, "".join(f"{line}\n" for line in keep))
 
     def _append_metrics(self, m: dict[str, float]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
