@@ -58,6 +58,8 @@ __all__ = [
 ]
 
 _PLAN_CACHE = 4  # step plans kept (the current step plus the prefetched ones)
+# Global batches after a step's window searched for a stand-in of a sample that failed to read.
+_REPLACEMENT_SPAN = 16
 
 
 @dataclass(frozen=True)
@@ -266,9 +268,9 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         self.pack_length = pack_length
         self._collate = collate
         self.on_global_batch: Callable[[int], None] | None = None
-        # Samples that failed to read (this rank): replaced by a no larger one from after the
-        # step's window, or, when none is found nearby, left out (the step's loss then weighs
-        # kept / planned: the scale is fixed when the step is planned, before any read).
+        # Samples that failed to read (this rank): replaced by a no larger one from the slot's
+        # column of later positions (``_replacement``), or, when none is found, left out (the
+        # step's loss then weighs kept / planned: the scale is fixed when the step is planned).
         self.replaced_in_packs = 0
         self.dropped_in_packs = 0
         tokens = np.asarray(self.sizes.token_counts(), dtype=np.int64)  # [N]
@@ -435,7 +437,7 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         for pos, index in pack:
             sample = self.dataset.get_or_none(index)  # a failure is counted by the dataset
             if sample is None:
-                found = self._replacement(batch_start, int(self._tokens[index]), exclude)
+                found = self._replacement(batch_start, pos, int(self._tokens[index]), exclude)
                 with self._stats_lock:
                     if found is None:
                         self.dropped_in_packs += 1
@@ -448,16 +450,15 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         # the planned order (same-shape samples adjacent) also with a smaller replacement
         loaded.sort(key=lambda m: (-int(self._tokens[m[1]]), self.sizes.shape(m[1]), m[0]))
         samples, positions = [m[2] for m in loaded], [m[0] for m in loaded]
-        if not samples:  # every sample failed: the next good one that reads takes the slot
-            p = batch_start + self.global_batch_size
-            while True:
-                p, index = self._filler(p, exclude)
-                sample = self.dataset.get_or_none(index)
-                if sample is not None:
-                    samples, positions = [sample], [pack[0][0]]
-                    break
-                exclude.add(index)
-                p += 1
+        if not samples:  # every sample failed: any size that reads takes the first slot
+            pos = pack[0][0]
+            spans = -(-self.order.num_samples // self.global_batch_size)
+            found = self._replacement(batch_start, pos, self.capacity, exclude, spans)
+            if found is None:
+                raise RuntimeError(
+                    f"no readable sample within one epoch to fill the pack at position {pos}"
+                )
+            samples, positions = [found[1]], [pos]
         planned = sum(len(pk) for r in plan.packs for pk in r)  # samples of the step
         scale = self.dp_size * plan.micro_batches / planned
         if self._collate is None:
@@ -469,15 +470,24 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         return out
 
     def _replacement(
-        self, batch_start: int, max_tokens: int, exclude: set[int]
+        self,
+        batch_start: int,
+        position: int,
+        max_tokens: int,
+        exclude: set[int],
+        spans: int = _REPLACEMENT_SPAN,
     ) -> tuple[int, Any] | None:
-        """``(index, sample)`` to stand in for a sample that failed to read: the first one after
-        the step's window that is no larger (so the pack keeps its capacity and fixed length),
-        not in ``exclude`` (updated) and reads. Keeps the step's sample count, which the loss
-        scale assumes. The search is bounded (a few global batches); ``None`` drops the slot."""
-        start = batch_start + self.global_batch_size
-        for p in range(start, start + min(4 * self.global_batch_size, self.order.num_samples)):
-            index = int(self.order.indices(p, 1)[0])
+        """``(index, sample)`` to stand in for the sample at ``position`` that failed to read:
+        the first one that reads, is no larger (the pack keeps its capacity and fixed length)
+        and is not in ``exclude`` (updated), among positions ``position + k * global_batch``,
+        ``k = 1..spans``. Each slot of the window searches its own column of later positions,
+        so no two ranks or micro-batches of a step pick the same stand-in, without talking to
+        each other, and the choice does not depend on the DP size. Keeps the step's sample
+        count, which the loss scale assumes; ``None`` drops the slot."""
+        gb = self.global_batch_size
+        spans = min(spans, max(1, self.order.num_samples // gb))
+        for k in range(1, spans + 1):
+            index = int(self.order.indices(position + k * gb, 1)[0])
             if index in exclude or not 0 < self._tokens_of(index) <= max_tokens:
                 continue
             exclude.add(index)

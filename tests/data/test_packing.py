@@ -187,7 +187,7 @@ def _step_samples(packs: list[dict]) -> list[tuple[int, int]]:
 
 def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path):
     path = write_synthetic_feature_shards(
-        tmp_path / "d", num_samples=24, shapes=SHAPES, cond_dim=16, samples_per_shard=12, seed=1
+        tmp_path / "d", num_samples=48, shapes=SHAPES, cond_dim=16, samples_per_shard=12, seed=1
     )
     clean = _ds(path)
     ref_it = _it(clean, dp_size=1)
@@ -201,10 +201,11 @@ def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path)
     got = it.next_global_batch()
     assert len(got) == len(ref)
     # The step keeps its planned sample count (the loss scale assumes it): the victim's slot
-    # (its position) holds the first sample after the window with no more tokens.
+    # (its position) holds the first sample with no more tokens in its column of later
+    # positions (pos + k * GB), so two slots never pick the same stand-in.
     window = set(ref_it.order.indices(0, GB).tolist())
-    after = [int(i) for i in it.order.indices(GB, GB)]
-    stand_in = next(i for i in after if i not in window and tokens[i] <= tokens[victim])
+    column = [int(it.order.indices(pos + k * GB, 1)[0]) for k in range(1, len(tokens) // GB + 1)]
+    stand_in = next(i for i in column if i not in window and tokens[i] <= tokens[victim])
     want = sorted((p, stand_in if i == victim else i) for p, i in _step_samples(ref))
     assert _step_samples(got) == want
     assert sum(len(b["latent"]) for b in got) == GB
@@ -214,13 +215,15 @@ def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path)
     assert any(p == pos for p, _ in _step_samples(got))
 
     # No stand-in that small nearby: the sample leaves its pack (counted as dropped).
+    path = write_synthetic_feature_shards(  # the same data again, the first victim intact
+        tmp_path / "d2", num_samples=48, shapes=SHAPES, cond_dim=16, samples_per_shard=12, seed=1
+    )
     small = int(tokens.min())
     victim = next(i for b in ref for i in b["index"].tolist() if tokens[i] == small)
-    clean2 = _ds(path)
-    _corrupt(clean2, victim)
+    _corrupt(_ds(path), victim)
     ds = _ds(path, max_bad_fraction=0.2)
     it = _it(ds, dp_size=1)
-    it._tokens[[i for i in after if i not in window]] = small + 1  # every later sample larger
+    it._tokens[[i for i in range(len(tokens)) if i not in window]] = small + 1  # all larger
     got = it.next_global_batch()
     assert _step_samples(got) == [(p, i) for p, i in _step_samples(ref) if i != victim]
     assert (it.replaced_in_packs, it.dropped_in_packs) == (0, 1)
@@ -239,11 +242,40 @@ def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path)
     got = it.next_global_batch()
     assert len(got) == len(ref) == 2  # the rank still runs its share of packs
     assert got[0]["position"].item() == pos and got[0]["index"].item() != victim
-    assert got[0]["index"].item() == it.order.indices(4, 1).item()
+    assert got[0]["index"].item() == it.order.indices(pos + 4, 1).item()  # its column
     assert ds.bad_counts["undecodable"] == 1 and it.replaced_in_packs == 1
     # Past data.max_bad_fraction (1 of 8 > 0.1) the run stops, naming the flag.
     with pytest.raises(BadDataError, match="max_bad_fraction"):
         _it(_ds(same, max_bad_fraction=0.1), capacity=16, global_batch_size=4).next_global_batch()
+
+
+def test_stand_ins_differ_across_ranks_and_match_at_every_dp_size(tmp_path):
+    """Two large samples of one step fail on different DP ranks: each slot takes its own
+    stand-in (a first-after-the-window rule would give both ranks the same sample), and the
+    step's (position, sample) pairs are the same at DP 1 and DP 2."""
+    path = write_synthetic_feature_shards(
+        tmp_path / "d", num_samples=48, shapes=SHAPES, cond_dim=16, samples_per_shard=12, seed=2
+    )
+    clean = _ds(path)
+    plan = _it(clean, dp_size=2).plan(0)
+    tokens = clean.token_counts(PATCH)
+    # The largest sample of each rank: any later sample fits in its slot.
+    victims = [
+        max((i for pk in rank for _, i in pk), key=lambda i: tokens[i]) for rank in plan.packs
+    ]
+    for v in victims:
+        _corrupt(clean, v)
+    by_dp = {}
+    for dp in (1, 2):
+        ds = _ds(path, max_bad_fraction=0.2)
+        its = [_it(ds, dp_rank=r, dp_size=dp) for r in range(dp)]
+        got = [s for packs in _step(its) for s in _step_samples(packs)]
+        indices = [i for _, i in got]
+        assert len(got) == GB and len(set(indices)) == GB  # no sample twice in the step
+        assert not set(victims) & set(indices)
+        assert sum(it.replaced_in_packs for it in its) == 2
+        by_dp[dp] = sorted(got)
+    assert by_dp[1] == by_dp[2]
 
 
 def test_unpatchifiable_shapes_are_left_out_and_counted(mixed):
