@@ -151,13 +151,12 @@ class FeatureDataset(ShardFiles):
         self.shard_paths = [os.path.join(self.root, s.name) for s in shards]
         self.shard_sizes = np.asarray([s.num_samples for s in shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
-        for s, path in zip(shards, self.shard_paths):
-            try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"data.path={cfg.path}: shard {path} listed in index.json is missing"
-                ) from None
+        file_sizes = self._stat_shards(
+            lambda path: FileNotFoundError(
+                f"data.path={cfg.path}: shard {path} listed in index.json is missing"
+            )
+        )
+        for s, path, size in zip(shards, self.shard_paths, file_sizes):
             if size > s.size_bytes:
                 raise ValueError(
                     f"data.path={cfg.path}: shard {path} is {size} bytes but index.json records "

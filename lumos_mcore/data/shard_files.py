@@ -18,12 +18,21 @@ from typing import Any
 MAX_OPEN_PER_THREAD = 16
 
 
+class ShardChangedError(RuntimeError):
+    """A shard file is not the one the dataset's index was read with (rewritten or replaced
+    during the run): its offsets no longer describe the bytes, so reading on would train on
+    garbage or on other samples. Not a bad sample: the run stops."""
+
+
 class ShardFiles:
     """Mixin: an LRU of read-only descriptors per thread for the files ``self.shard_paths``.
 
-    The host calls ``_init_runtime()`` in its ``__init__`` (it creates ``self._lock``, which the
+    The host calls ``_stat_shards`` right after loading its index (it records each file's
+    identity) and ``_init_runtime()`` in its ``__init__`` (it creates ``self._lock``, which the
     host may also use for its own bookkeeping). ``close`` closes every descriptor; reads reopen
-    them. Pickling drops the descriptors and the lock; the copy reopens files on demand.
+    them, and every open checks that the file is still the one the index was read with
+    (:class:`ShardChangedError` otherwise). Pickling drops the descriptors and the lock; the
+    copy reopens files on demand.
     """
 
     shard_paths: list[str]
@@ -45,6 +54,33 @@ class ShardFiles:
         self.__dict__.update(state)
         self._init_runtime()
 
+    def _stat_shards(self, missing: Callable[[str], Exception]) -> list[int]:
+        """Sizes of ``self.shard_paths``, recording each file's identity (device, inode, size,
+        mtime) for the checks on open; ``missing(path)`` is raised for an absent file."""
+        identities = []
+        for path in self.shard_paths:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise missing(path) from None
+            identities.append(_identity(st))
+        self._shard_identities = identities
+        return [ident[2] for ident in identities]
+
+    def _check_identity(self, shard: int, fd: int) -> None:
+        known = getattr(self, "_shard_identities", None)
+        if known is None:
+            return
+        now = _identity(os.fstat(fd))
+        if now != known[shard]:
+            path = self.shard_paths[shard]
+            raise ShardChangedError(
+                f"shard {path} changed after its index was read (was {known[shard][2]} bytes, "
+                f"mtime_ns {known[shard][3]}; now {now[2]} bytes, mtime_ns {now[3]}): the data "
+                "set was rewritten during the run. Let a rewrite finish before training on it, "
+                "then restart the job (it resumes from its last checkpoint)"
+            )
+
     def _fd(self, shard: int) -> int:
         loc = self._local
         if getattr(loc, "generation", None) != self._generation:
@@ -55,6 +91,11 @@ class ShardFiles:
             loc.fds.move_to_end(shard)
             return fd
         fd = os.open(self.shard_paths[shard], os.O_RDONLY)
+        try:
+            self._check_identity(shard, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         with self._lock:
             self._all_fds.add(fd)
         loc.fds[shard] = fd
@@ -109,3 +150,7 @@ class ShardFiles:
             if len(out[m]) != s:
                 raise fail("truncated", f"{m}: read {len(out[m])} of {s} bytes")
         return out
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -190,6 +190,34 @@ def test_missing_or_rewritten_shard_is_a_config_error(tmp_path: Path) -> None:
         open_dataset(root)
 
 
+def test_a_data_set_rewritten_during_the_run_stops_it(tmp_path: Path) -> None:
+    """A shard replaced after the index was read is refused when opened (its offsets would
+    read another data set's bytes), also from a pickled worker copy; a descriptor opened before
+    the rewrite still reads the old bytes, which its index describes."""
+    import pickle
+
+    from lumos_mcore.data.shard_files import ShardChangedError
+
+    root = tmp_path / "ds"
+    old = write_random_dataset(root, num_samples=8, samples_per_shard=4)
+    ds = open_dataset(root)
+    clone = pickle.loads(pickle.dumps(ds))
+    ds.get(0)  # shard 0 open in this thread
+    os.remove(root / "index.json")  # what an overwrite does first, then it renames new shards
+    write_random_dataset(root, num_samples=8, samples_per_shard=4, seed=1)
+    got = ds.get(1)["latent"].numpy()
+    np.testing.assert_array_equal(got, old[1]["latent"].astype(np.float16).astype(np.float32))
+    with pytest.raises(ShardChangedError, match=r"features-000001.tar changed after its index"):
+        ds.get(5)
+    with pytest.raises(ShardChangedError, match="restart the job"):
+        clone.get(0)
+    ds.close()
+    with pytest.raises(ShardChangedError):
+        ds.get_or_none(0)  # not a bad sample: nothing is counted, the run stops
+    assert ds.num_bad == 0
+    assert open_dataset(root).get(5) is not None  # a fresh open reads the new data set
+
+
 def test_mixed_latent_shapes_in_a_batch_name_the_sample(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     from lumos_mcore.data.shards import FeatureShardWriter

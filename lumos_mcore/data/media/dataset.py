@@ -141,7 +141,14 @@ class MediaDataset(ShardFiles):
         self.num_other_modality = int(other.sum())
         self._bucket, fact_reason = self.spec.assign(self._width, self._height, self._frames)
         media_col = MEMBER_COLUMN[MEDIA]
-        file_sizes = np.asarray([self._file_size(p) for p in self.shard_paths], dtype=np.int64)
+        file_sizes = np.asarray(
+            self._stat_shards(
+                lambda path: FileNotFoundError(
+                    f"media shard {path} listed in index.json is missing"
+                )
+            ),
+            dtype=np.int64,
+        )
         ends = self._offsets + np.maximum(self._sizes, 0)  # [P, M]
         past_end = ((self._offsets >= 0) & (ends > file_sizes[self._phys_shard][:, None])).any(1)
         early: list[tuple[np.ndarray, str]] = [
@@ -229,14 +236,6 @@ class MediaDataset(ShardFiles):
         self._virt = ids.astype(np.int64)  # virtual index -> physical sample
         self.shard_sizes = unit_sizes.astype(np.int64)
         self._unit_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
-
-    # ---- files ----
-    @staticmethod
-    def _file_size(path: str) -> int:
-        try:
-            return os.stat(path).st_size
-        except FileNotFoundError:
-            raise FileNotFoundError(f"media shard {path} listed in index.json is missing") from None
 
     # ---- bookkeeping ----
     def __len__(self) -> int:

@@ -142,6 +142,22 @@ def test_truncated_shard_file(tmp_path: Path) -> None:
     assert sorted(set(epoch_keys(ds))) == [f"s{i:02d}" for i in range(8)]
 
 
+def test_media_shard_rewritten_after_opening_stops_the_run(tmp_path: Path) -> None:
+    """The media reader shares the feature reader's check: a replaced shard is refused."""
+    from lumos_mcore.data.shard_files import ShardChangedError
+
+    root = tmp_path / "ds"
+    for seed in (0, 1):
+        with MediaShardWriter(root, samples_per_shard=100, overwrite=bool(seed)) as w:
+            for i in range(4):
+                w.write(jpeg(32, 32, cls=i, seed=seed * 10 + i), "jpg", key=f"s{i:02d}")
+        if seed == 0:
+            ds = open_media(root, modality="image", buckets=[[32, 32]])
+    with pytest.raises(ShardChangedError, match="changed after its index"):
+        epoch_keys(ds)
+    assert ds.num_bad == 0
+
+
 def test_missing_caption_is_a_missing_key_when_t5_needs_it(tmp_path: Path) -> None:
     root = tmp_path / "ds"
     with MediaShardWriter(root) as w:
