@@ -96,6 +96,7 @@ def time_plain_save(hf_dir: Path, dst: Path) -> dict:
     from safetensors.torch import load_file, save_file
 
     from lumos_mcore.convert.safetensors_io import safetensors_files
+    from lumos_mcore.durable import fsync_file
 
     tensors = {}
     for f in safetensors_files(hf_dir):
@@ -107,8 +108,7 @@ def time_plain_save(hf_dir: Path, dst: Path) -> dict:
     os.sync()
     t0 = time.perf_counter()
     save_file(tensors, out, metadata={"format": "pt"})
-    with open(out, "rb") as f:  # the converter fsyncs its files; do the same here
-        os.fsync(f.fileno())
+    fsync_file(out)  # the converter fsyncs its files; do the same here
     return {"seconds": time.perf_counter() - t0, "peak_rss_gib": _peak_rss_gib()}
 
 
