@@ -10,6 +10,7 @@ from lumos_mcore.config.diffusion import DiffusionConfig
 from lumos_mcore.config.media import MediaDataConfig
 from lumos_mcore.config.model import ModelConfig, fp8_row_multiple
 from lumos_mcore.config.parallel import ParallelConfig, check_te_packed_cp
+from lumos_mcore.config.profile import ProfileConfig
 from lumos_mcore.config.train import (
     CheckpointConfig,
     OptimConfig,
@@ -40,6 +41,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         if (self.data is None) == (self.media is None):
@@ -96,6 +98,11 @@ class JobConfig:
                 f"validation.grid_sampler={v.grid_sampler!r} does not fit "
                 f"diffusion.objective={self.diffusion.objective!r} (euler is the flow sampler; "
                 "ddpm / dpm++2m sample the ddpm objective)"
+            )
+        if self.profile.enabled and self.profile.start_step > self.train.steps:
+            raise ValueError(
+                f"profile.start_step={self.profile.start_step}: the run ends at train.steps="
+                f"{self.train.steps}, so nothing would be traced; start the window earlier"
             )
 
     def _check_te_shards(self, packs: bool) -> None:

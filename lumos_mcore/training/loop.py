@@ -31,6 +31,7 @@ from lumos_mcore.perf.memory import MemoryEstimate, estimate_job_memory
 from lumos_mcore.training.checkpoint import Checkpointer, WeightsReport
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.metrics import MetricsWriter, peak_memory_gib
+from lumos_mcore.training.profiling import StepProfiler, phase
 from lumos_mcore.training.setup import (
     build_model,
     build_optimizer,
@@ -174,6 +175,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             save_config(job, out / "config.yaml")
         self.stop = _StopFlag()
+        self.profiler = StepProfiler(job.profile, dist.get_rank(), dist.get_world_size(), out)
         self.validator = self._build_validator()
         self._init_throughput()
         self.memory_estimate = self._estimate_memory()
@@ -566,20 +568,23 @@ class Trainer:
         self.optimizer.zero_grad()
         # Packs: reading a step's last pack already sets num_microbatches for the next step.
         num_microbatches = self.num_microbatches
-        losses = get_forward_backward_func()(
-            forward_step_func=self.forward_step,
-            data_iterator=self._step_data(batches, num_microbatches),
-            model=self.chunks,
-            num_microbatches=num_microbatches,
-            seq_length=self.job.model.num_tokens,
-            micro_batch_size=self.job.train.micro_batch_size,
-            forward_only=False,
-        )
+        with phase("forward_backward"):
+            losses = get_forward_backward_func()(
+                forward_step_func=self.forward_step,
+                data_iterator=self._step_data(batches, num_microbatches),
+                model=self.chunks,
+                num_microbatches=num_microbatches,
+                seq_length=self.job.model.num_tokens,
+                micro_batch_size=self.job.train.micro_batch_size,
+                forward_only=False,
+            )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        ok, grad_norm, _ = self.optimizer.step()
+        with phase("optimizer_step"):
+            ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         if self.ema is not None and ok:
-            self.ema.update(self.chunks)
+            with phase("ema"):
+                self.ema.update(self.chunks)
         loss = float("nan")
         if self.info.is_last_stage:
             value = torch.stack([x["loss"] for x in losses]).mean().to(_device())
@@ -615,6 +620,7 @@ class Trainer:
             )
         last_saved = None
         while self.step < job.train.steps:
+            self.profiler.before_step(self.step + 1)
             t0 = time.perf_counter()
             m = self.train_step(batches)
             if torch.cuda.is_available():
@@ -635,7 +641,8 @@ class Trainer:
                 }
             )
             if self.validator is not None and self.step % job.validation.interval == 0:
-                m.update(self.validate())
+                with phase("validation"):
+                    m.update(self.validate())
             if self.is_logging_rank:
                 result.losses.append(m["train/loss"])
                 self._append_metrics(m)
@@ -648,12 +655,15 @@ class Trainer:
                 or self.step == job.train.steps
                 or stop
             ):
-                last_saved = self.save()
+                with phase("checkpoint"):
+                    last_saved = self.save()
+            self.profiler.after_step(self.step)
             if stop:
                 log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
                 break
         result.final_step = self.step
         result.checkpoint = last_saved
+        self.profiler.close()
         self.metrics.close()
         self.data.close()
         return result
