@@ -116,6 +116,9 @@ class CheckpointConfig:
     init_from: str | None = None
     init_strict: bool = True  # False: skip missing / unexpected / shape-mismatched keys, report
     init_from_ema: bool = False  # start the model from the source's EMA weights
+    # Write the sharded tensors in a background process while training goes on; the folder is
+    # renamed and `latest` updated once every rank's writer is done (at most one in flight).
+    async_save: bool = False
 
     def __post_init__(self) -> None:
         if self.save_interval <= 0:

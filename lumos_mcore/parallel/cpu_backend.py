@@ -68,8 +68,9 @@ What is patched and why (one line each):
   for the non-distributed mixed-precision optimizer.
 - ``rerun_state_machine:torch`` -- result-validation tensors with ``device='cuda'``.
 - ``timers:torch`` -- ``torch.cuda.synchronize()`` and the CUDA all-gather buffer.
-- ``dist_checkpointing.strategies.{filesystem_async,fully_parallel,state_dict_saver}:torch``
-  -- ``torch.cuda.synchronize()`` and CUDA flag tensors around (async) saves.
+- ``dist_checkpointing.strategies.{filesystem_async,async_utils,fully_parallel,
+  state_dict_saver}:torch`` -- ``torch.cuda.synchronize()`` and CUDA flag tensors around
+  (async) saves, and the all-reduced liveness / call-index tensors of ``AsyncCallsQueue``.
 - ``dist_checkpointing.exchange_utils:torch`` and ``tensor_aware_state_dict:torch`` --
   CUDA buffers when shards are exchanged between ranks.
 - ``transformer.dot_product_attention:torch`` -- ``softmax_offset`` allocated on CUDA.
@@ -122,6 +123,7 @@ _SHIMMED_MODULES: tuple[str, ...] = (
     f"{_MC}.rerun_state_machine",
     f"{_MC}.timers",
     f"{_MC}.dist_checkpointing.strategies.filesystem_async",
+    f"{_MC}.dist_checkpointing.strategies.async_utils",
     f"{_MC}.dist_checkpointing.strategies.fully_parallel",
     f"{_MC}.dist_checkpointing.strategies.state_dict_saver",
     f"{_MC}.dist_checkpointing.exchange_utils",

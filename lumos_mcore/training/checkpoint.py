@@ -11,6 +11,13 @@ then replace ``latest``. A crash at any moment therefore leaves the previous che
 and ``latest`` pointing at it. Weights are stored by *global* sharded keys, so a checkpoint
 saved at one TP/PP/DP layout loads at another.
 
+``checkpoint.async_save``: the sharded tensors are written by a forked writer process while
+training goes on (megatron's ``async_sharded_save`` + ``AsyncCallsQueue``); on GPU they are
+first copied to host memory, on CPU the fork's copy-on-write pages freeze them. The rename
+and ``latest`` happen in the request's finalize step, once every rank's writer is done, so a
+crash during the background write still leaves only a ``*.partial``. One save is in flight at a
+time: the next save, the end of the run and a stop signal wait for it.
+
 Contents: model weights (``model`` / ``model<i>`` per virtual stage), optimizer state, EMA weights
 (``ema.*`` keys), lr schedule, the training state (step, consumed samples, data-loader state,
 the config) and each rank's RNG states (restored when the world size is unchanged).
@@ -35,6 +42,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from torch import nn
 
 from lumos_mcore.durable import atomic_write_text, fsync_dir
@@ -127,9 +135,14 @@ def _unshare_adam_steps(optimizer) -> None:
 class Checkpointer:
     """Save / find / load training checkpoints under one root folder."""
 
-    def __init__(self, root: str | os.PathLike, keep_last: int = 2) -> None:
+    def __init__(
+        self, root: str | os.PathLike, keep_last: int = 2, async_save: bool = False
+    ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._queue: AsyncCallsQueue | None = None  # created by the first async save
+        self._pending: Path | None = None  # the async save in flight
 
     # -- discovery -------------------------------------------------------------------------
     def latest(self) -> Path | None:
@@ -168,6 +181,9 @@ class Checkpointer:
         ema: EMA | None,
         train_state: dict[str, Any],
     ) -> Path:
+        """Write step ``step``; returns its final folder. With ``async_save`` the folder
+        appears once the background write is finalized (:meth:`finalize`)."""
+        self.finalize(blocking=True)  # one save in flight at a time
         final = self.root / _iter_dir(step)
         partial = self.root / (_iter_dir(step) + _PARTIAL)
         if dist.get_rank() == 0:
@@ -183,9 +199,24 @@ class Checkpointer:
         state["scheduler"] = scheduler.state_dict()
         state["train_state"] = dict(train_state, world_size=dist.get_world_size())
         state["rng_state"] = _rng_sharded(dist.get_world_size())
-        dist_checkpointing.save(state, str(partial))
-        dist.barrier()
+        if not self.async_save:
+            dist_checkpointing.save(state, str(partial))
+            dist.barrier()
+            self._commit(step)
+            return final
+        request = dist_checkpointing.save(state, str(partial), async_sharded_save=True)
+        request.add_finalize_fn(lambda: self._commit(step))
+        if self._queue is None:
+            self._queue = AsyncCallsQueue(persistent=False)
+        self._queue.schedule_async_request(request)
+        self._pending = final
+        return final
 
+    def _commit(self, step: int) -> None:
+        """Every rank's shards are on disk: rename the partial save and point ``latest`` at
+        it (rank 0), then let every rank go on."""
+        final = self.root / _iter_dir(step)
+        partial = self.root / (_iter_dir(step) + _PARTIAL)
         if dist.get_rank() == 0:
             replaced = self.root / (_iter_dir(step) + _REPLACED)
             if final.exists():  # re-saving the same step (e.g. after a resume): keep the old
@@ -196,7 +227,23 @@ class Checkpointer:
             atomic_write_text(self.root / _LATEST, final.name + "\n")
             self._prune(keep=final)
         dist.barrier()
-        return final
+
+    def finalize(self, blocking: bool = False) -> Path | None:
+        """Commit an async save whose writers are done on every rank (all ranks call this;
+        it agrees over one all-reduce). ``blocking`` waits for it. Returns the committed
+        folder, or None when nothing was committed. A writer's error is raised here, on
+        every rank, and the checkpoint stays ``*.partial``."""
+        if self._queue is None or self._pending is None:
+            return None
+        if not self._queue.maybe_finalize_async_calls(blocking=blocking):
+            return None
+        done, self._pending = self._pending, None
+        log.info("checkpoint %s written in the background", done.name)
+        return done
+
+    @property
+    def save_in_flight(self) -> bool:
+        return self._pending is not None
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:

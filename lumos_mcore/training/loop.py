@@ -144,7 +144,9 @@ class Trainer:
             total_steps=job.train.steps,
         )
         self.ema = EMA(self.chunks, job.train.ema_decay) if job.train.ema_decay > 0 else None
-        self.checkpointer = Checkpointer(job.checkpoint_dir, job.checkpoint.keep_last)
+        self.checkpointer = Checkpointer(
+            job.checkpoint_dir, job.checkpoint.keep_last, async_save=job.checkpoint.async_save
+        )
         self.step = 0
         # Data position of step 0: step k reads positions ``first_sample + k * GB``. Nonzero
         # after a resume at another global batch size (the checkpoint's consumed_samples wins).
@@ -524,7 +526,8 @@ class Trainer:
             self.step, self.chunks, self.optimizer, self.scheduler, self.ema, state
         )
         if dist.get_rank() == 0:
-            log.info("saved checkpoint %s", path)
+            how = "writing in the background:" if self.checkpointer.save_in_flight else "saved"
+            log.info("%s checkpoint %s", how, path)
         return str(path)
 
     # -- one step --------------------------------------------------------------------------
@@ -627,6 +630,8 @@ class Trainer:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             self.step += 1
+            with phase("checkpoint_finalize"):
+                self.checkpointer.finalize()  # an async save whose writers are done: commit it
             m.update(
                 {
                     "throughput/step_time_ms": dt * 1e3,
@@ -661,6 +666,8 @@ class Trainer:
             if stop:
                 log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
                 break
+        with phase("checkpoint_finalize"):
+            self.checkpointer.finalize(blocking=True)  # the last save is complete on return
         result.final_step = self.step
         result.checkpoint = last_saved
         self.profiler.close()
