@@ -59,6 +59,10 @@ class TrainConfig:
     # MFU denominator per rank in TFLOP/s; None = the GPU's spec peak (bf16 dense) on CUDA, a
     # matmul probe measured once at start-up on CPU (as tools/benchmark_throughput.py does).
     peak_tflops: float | None = None
+    # Consecutive steps whose loss or gradients are not finite (NaN / Inf) that are skipped
+    # (no update, no EMA; the step's samples are passed over) before the run stops. 0 stops at
+    # the first such step. Either way the stop writes a checkpoint of the last good state.
+    nonfinite_skips: int = 0
 
     def __post_init__(self) -> None:
         if not self.output_dir.strip():
@@ -78,6 +82,11 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.nonfinite_skips < 0:
+            raise ValueError(
+                f"train.nonfinite_skips={self.nonfinite_skips}: must be >= 0 (0 stops the run at "
+                "the first step with a non-finite loss or gradient)"
+            )
 
     def num_microbatches(self, dp: int, pp: int = 1, vpp: int | None = None) -> int:
         """Micro-batches per step on each data-parallel rank (validated against ``dp``; with

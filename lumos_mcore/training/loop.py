@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from lumos_mcore.perf.memory import MemoryEstimate, estimate_job_memory
 from lumos_mcore.training.checkpoint import Checkpointer, WeightsReport
 from lumos_mcore.training.ema import EMA
 from lumos_mcore.training.metrics import MetricsWriter, peak_memory_gib
+from lumos_mcore.training.nonfinite import NonFiniteError, NonFiniteGuard, find_nonfinite
 from lumos_mcore.training.profiling import StepProfiler, phase
 from lumos_mcore.training.setup import (
     build_model,
@@ -152,6 +154,9 @@ class Trainer:
         # after a resume at another global batch size (the checkpoint's consumed_samples wins).
         self.first_sample = 0
         self.init_report: WeightsReport | None = None  # set by a checkpoint.init_from load
+        self.nonfinite = NonFiniteGuard(job.train.nonfinite_skips)
+        self._newest: tuple[int, str] | None = None  # (step, folder) written or resumed from
+        self._last_saved: str | None = None  # the one this process wrote last
         self._resume()
         self.data = self._build_data()
         self.forward_step = DiffusionForwardStep(
@@ -504,6 +509,8 @@ class Trainer:
             return
         state = self.checkpointer.load(path, self.chunks, self.optimizer, self.scheduler, self.ema)
         self.step = int(state["step"])
+        self._newest = (self.step, str(path))
+        self.nonfinite.total = int(state.get("nonfinite_skipped", 0))
         gbs = job.train.global_batch_size
         consumed = int(state.get("consumed_samples", self.step * gbs))
         self.first_sample = consumed - self.step * gbs
@@ -519,16 +526,30 @@ class Trainer:
         state = {
             "step": self.step,
             "consumed_samples": self.consumed_samples_at(self.step),
+            "nonfinite_skipped": self.nonfinite.total,
             "model_config": config_to_dict(self.job.model),
             "job": config_to_dict(self.job),
         }
         path = self.checkpointer.save(
             self.step, self.chunks, self.optimizer, self.scheduler, self.ema, state
         )
+        self._last_saved = str(path)
+        self._newest = (self.step, self._last_saved)
         if dist.get_rank() == 0:
             how = "writing in the background:" if self.checkpointer.save_in_flight else "saved"
             log.info("%s checkpoint %s", how, path)
         return str(path)
+
+    def _save_last_good(self) -> str:
+        """The run stops on a non-finite step, which applied nothing: every rank saves the
+        state it holds (the last good step) unless a checkpoint of that step exists, and waits
+        for the write. Returns the sentence the error ends with."""
+        if self.step == 0:
+            return "No checkpoint was written: the first step of the run failed."
+        if self._newest is None or self._newest[0] != self.step:
+            self.save()
+        self.checkpointer.finalize(blocking=True)
+        return f"The last good state (step {self.step}) is in {self._newest[1]}."
 
     # -- one step --------------------------------------------------------------------------
     def _iterators(self):
@@ -582,15 +603,22 @@ class Trainer:
                 forward_only=False,
             )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-        with phase("optimizer_step"):
-            ok, grad_norm, _ = self.optimizer.step()
+        value = None  # this rank's step loss (last pipeline stage only)
+        if self.info.is_last_stage:
+            value = torch.stack([x["loss"] for x in losses]).mean().to(_device())
+        with phase("nonfinite_check"):
+            report = find_nonfinite(self.chunks, value, _device())
+        if self.nonfinite.skip(self.step + 1, report):  # raises NonFiniteError to stop
+            ok, grad_norm = False, None
+        else:
+            with phase("optimizer_step"):
+                ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         if self.ema is not None and ok:
             with phase("ema"):
                 self.ema.update(self.chunks)
         loss = float("nan")
-        if self.info.is_last_stage:
-            value = torch.stack([x["loss"] for x in losses]).mean().to(_device())
+        if value is not None:
             group = parallel_state.get_data_parallel_group(with_context_parallel=True)
             dist.all_reduce(value, group=group)
             loss = float(value) / dist.get_world_size(group)
@@ -599,6 +627,7 @@ class Trainer:
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "train/lr": lr,
             "train/update_ok": float(ok),
+            "train/skipped_steps": float(self.nonfinite.total),
         }
 
     # -- the loop --------------------------------------------------------------------------
@@ -621,11 +650,13 @@ class Trainer:
                 self.step,
                 job.train.steps,
             )
-        last_saved = None
         while self.step < job.train.steps:
             self.profiler.before_step(self.step + 1)
             t0 = time.perf_counter()
-            m = self.train_step(batches)
+            try:
+                m = self.train_step(batches)
+            except NonFiniteError as err:
+                raise NonFiniteError(f"{err} {self._save_last_good()}") from None
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -661,7 +692,7 @@ class Trainer:
                 or stop
             ):
                 with phase("checkpoint"):
-                    last_saved = self.save()
+                    self.save()
             self.profiler.after_step(self.step)
             if stop:
                 log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
@@ -669,7 +700,7 @@ class Trainer:
         with phase("checkpoint_finalize"):
             self.checkpointer.finalize(blocking=True)  # the last save is complete on return
         result.final_step = self.step
-        result.checkpoint = last_saved
+        result.checkpoint = self._last_saved
         self.profiler.close()
         self.metrics.close()
         self.data.close()
@@ -694,5 +725,9 @@ class Trainer:
 
     def _append_metrics(self, m: dict[str, float]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        # Strict JSON (jq, pandas): a skipped step's NaN loss / grad norm is written as null.
+        record = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in m.items()
+        }
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps({"step": self.step, **m}) + "\n")
+            f.write(json.dumps({"step": self.step, **record}, allow_nan=False) + "\n")

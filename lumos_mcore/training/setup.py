@@ -74,7 +74,9 @@ def build_model(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=parallel_cfg.overlap_grad_reduce,
             use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
-            check_for_nan_in_grad=True,
+            # The trainer's NonFiniteGuard checks every step on all ranks together instead
+            # (megatron's check raises on one rank, mid-collective, with no step or checkpoint).
+            check_for_nan_in_grad=False,
         )
         chunks = [
             DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)

@@ -143,6 +143,7 @@ def test_training_run_traces_its_phases_on_the_listed_rank_only(tmp_path):
     assert files == ["rank1_steps2-3.pt.trace.json", "rank1_steps2-3_ops.txt"]
     names = _events(out / "profile" / files[0])
     assert names.count("lumos/forward_backward") == 2
+    assert names.count("lumos/nonfinite_check") == 2
     assert names.count("lumos/optimizer_step") == 2
     assert names.count("lumos/ema") == 2
     assert names.count("lumos/checkpoint") == 1  # step 3 saves, step 4 is outside the window
