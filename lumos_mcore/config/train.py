@@ -116,6 +116,9 @@ class CheckpointConfig:
     save_interval: int = 500
     resume: bool = True
     keep_last: int = 2  # 0 keeps all
+    # Milestones: checkpoints at multiples of this step are kept besides the newest keep_last
+    # (0 = none); a multiple of save_interval, so that saves land on them.
+    keep_every: int = 0
     load: str | None = None  # explicit checkpoint folder to start from (weights + state)
     # Weights-only start (progressive stages 256 -> 512 -> 1024): a previous stage's megatron
     # checkpoint folder or checkpoint root (full training or weights-only export), or an HF
@@ -134,6 +137,12 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.save_interval={self.save_interval}: must be positive")
         if self.keep_last < 0:
             raise ValueError(f"checkpoint.keep_last={self.keep_last}: must be >= 0")
+        if self.keep_every < 0 or self.keep_every % self.save_interval:
+            raise ValueError(
+                f"checkpoint.keep_every={self.keep_every}: must be 0 (no milestones) or a "
+                f"multiple of checkpoint.save_interval={self.save_interval}, so that a "
+                "checkpoint is written at every milestone step"
+            )
         if self.init_from is not None and self.load is not None:
             raise ValueError(
                 f"checkpoint.init_from={self.init_from}: give either checkpoint.load (resume the "

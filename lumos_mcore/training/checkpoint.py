@@ -136,10 +136,15 @@ class Checkpointer:
     """Save / find / load training checkpoints under one root folder."""
 
     def __init__(
-        self, root: str | os.PathLike, keep_last: int = 2, async_save: bool = False
+        self,
+        root: str | os.PathLike,
+        keep_last: int = 2,
+        async_save: bool = False,
+        keep_every: int = 0,
     ) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_every = keep_every  # steps that are multiples of it are never pruned
         self.async_save = async_save
         self._queue: AsyncCallsQueue | None = None  # created by the first async save
         self._pending: Path | None = None  # the async save in flight
@@ -246,12 +251,24 @@ class Checkpointer:
         return self._pending is not None
 
     def _prune(self, keep: Path) -> None:
+        """Delete complete checkpoints older than the newest ``keep_last``, except ``keep``
+        (the one just written) and the milestones every ``keep_every`` steps."""
         if self.keep_last <= 0:
             return
         done = sorted(p for p in self.root.glob("iter_*") if p.is_dir() and _PARTIAL not in p.name)
         for old in done[: -self.keep_last]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+            if old == keep or self._milestone(old):
+                continue
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _milestone(self, path: Path) -> bool:
+        if self.keep_every <= 0:
+            return False
+        try:
+            step = int(path.name[len("iter_") :])
+        except ValueError:  # a folder this class did not name: not ours to judge, keep it
+            return True
+        return step % self.keep_every == 0
 
     # -- load ------------------------------------------------------------------------------
     def load(

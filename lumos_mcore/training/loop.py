@@ -147,7 +147,10 @@ class Trainer:
         )
         self.ema = EMA(self.chunks, job.train.ema_decay) if job.train.ema_decay > 0 else None
         self.checkpointer = Checkpointer(
-            job.checkpoint_dir, job.checkpoint.keep_last, async_save=job.checkpoint.async_save
+            job.checkpoint_dir,
+            job.checkpoint.keep_last,
+            async_save=job.checkpoint.async_save,
+            keep_every=job.checkpoint.keep_every,
         )
         self.step = 0
         # Data position of step 0: step k reads positions ``first_sample + k * GB``. Nonzero
