@@ -63,6 +63,10 @@ class TrainConfig:
     # (no update, no EMA; the step's samples are passed over) before the run stops. 0 stops at
     # the first such step. Either way the stop writes a checkpoint of the last good state.
     nonfinite_skips: int = 0
+    # Wall-clock budget of the run in minutes, counted from the trainer's start (set-up
+    # included): the run ends with a checkpoint after the last step that fits, like on SIGUSR1,
+    # for schedulers that send no signal before their limit. Leave room for one save. None = off.
+    max_minutes: float | None = None
 
     def __post_init__(self) -> None:
         if not self.output_dir.strip():
@@ -82,6 +86,8 @@ class TrainConfig:
             )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"train.ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"train.max_minutes={self.max_minutes}: must be positive or None")
         if self.nonfinite_skips < 0:
             raise ValueError(
                 f"train.nonfinite_skips={self.nonfinite_skips}: must be >= 0 (0 stops the run at "

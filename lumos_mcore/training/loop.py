@@ -56,10 +56,13 @@ class TrainResult:
 
 
 class _StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM pre-emption) ask for a checkpoint and a clean exit."""
+    """SIGTERM / SIGUSR1 (SLURM pre-emption), or ``train.max_minutes`` running out, ask for a
+    checkpoint and a clean exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_minutes: float | None = None, start: float | None = None) -> None:
         self.requested = False
+        self.start = time.monotonic() if start is None else start
+        self.max_minutes = max_minutes
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not the main thread (embedded use)
                 signal.signal(sig, self._handle)
@@ -67,9 +70,17 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
-    def agreed(self) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=_device())
+    def out_of_time(self, step_seconds: float) -> bool:
+        """Another step as long as the last one would end past ``train.max_minutes``."""
+        if self.max_minutes is None:
+            return False
+        return time.monotonic() - self.start + step_seconds > self.max_minutes * 60
+
+    def agreed(self, step_seconds: float = 0.0) -> bool:
+        """True on every rank if any rank was signalled or is out of time (one tiny
+        all-reduce; the ranks' clocks differ a little, the first to run out decides)."""
+        local = self.requested or self.out_of_time(step_seconds)
+        flag = torch.tensor([1.0 if local else 0.0], device=_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
@@ -120,6 +131,7 @@ class Trainer:
     """Owns one training run; ``run()`` trains to ``train.steps`` (resuming if possible)."""
 
     def __init__(self, job: JobConfig) -> None:
+        started = time.monotonic()  # train.max_minutes counts set-up (build, resume, data) too
         self.job = job
         init_distributed()
         m = job.model
@@ -184,7 +196,7 @@ class Trainer:
         if dist.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
             save_config(job, out / "config.yaml")
-        self.stop = _StopFlag()
+        self.stop = _StopFlag(job.train.max_minutes, start=started)
         self.profiler = StepProfiler(job.profile, dist.get_rank(), dist.get_world_size(), out)
         self.validator = self._build_validator()
         self._init_throughput()
@@ -688,7 +700,7 @@ class Trainer:
                 self.metrics.scalars(self.step, m)
                 if self.step % job.train.log_interval == 0 or self.step == 1:
                     self.metrics.progress(self.step, job.train.steps, m)
-            stop = self.stop.agreed()
+            stop = self.stop.agreed(step_seconds=dt)
             if (
                 self.step % job.checkpoint.save_interval == 0
                 or self.step == job.train.steps
@@ -698,7 +710,8 @@ class Trainer:
                     self.save()
             self.profiler.after_step(self.step)
             if stop:
-                log.warning("stop requested: checkpoint written at step %d, exiting", self.step)
+                why = "stop requested" if self.stop.requested else "train.max_minutes reached"
+                log.warning("%s: checkpoint written at step %d, exiting", why, self.step)
                 break
         with phase("checkpoint_finalize"):
             self.checkpointer.finalize(blocking=True)  # the last save is complete on return
