@@ -9,6 +9,7 @@ reduction and pipeline p2p exactly as a diverged step would.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -154,7 +155,11 @@ def test_nonfinite_step_stops_with_last_good_checkpoint_then_resume_skips_it(tmp
     assert _state(ckpts / "iter_0000002")["step"] == 2
 
     job = make_job(
-        data, tmp_path / "run", steps=6, parallel=parallel, train=_train(job, nonfinite_skips=1)
+        data,
+        tmp_path / "run",
+        steps=6,
+        parallel=parallel,
+        train=replace(job.train, nonfinite_skips=1),
     )
     second = run_distributed(_train_with_nan, 2, job, {3}, 1)
     for r, before in zip(second, first):
@@ -173,11 +178,6 @@ def test_nonfinite_step_stops_with_last_good_checkpoint_then_resume_skips_it(tmp
     assert _state(ckpts / "iter_0000006")["nonfinite_skipped"] == 1
 
 
-def _train(job, **changes) -> TrainConfig:
-    fields = {k: getattr(job.train, k) for k in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**{**fields, **changes})
-
-
 def test_pipeline_run_stops_after_its_skip_budget(tmp_path):
     """PP=2: the loss lives on the last stage only, the NaN reaches the first stage's
     gradients through the pipeline's backward p2p. With two skips allowed, steps 3 and 4 are
@@ -189,7 +189,7 @@ def test_pipeline_run_stops_after_its_skip_budget(tmp_path):
         tmp_path / "pp",
         steps=8,
         parallel=ParallelConfig(pp=2),
-        train=_train(job, nonfinite_skips=2),
+        train=replace(job.train, nonfinite_skips=2),
     )
     runs = run_distributed(_train_with_nan, 2, job, {3, 4, 5, 6}, 1)
     for r in runs:

@@ -3,6 +3,8 @@ with a checkpoint on every rank, like a pre-emption signal, and resumes from it.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lumos_mcore.config.parallel import ParallelConfig
@@ -13,12 +15,11 @@ from tests.training.helpers import make_data, make_job, read_metrics, train_in_p
 
 def _job(data, out, max_minutes):
     base = make_job(data, out, steps=6)
-    fields = {k: getattr(base.train, k) for k in TrainConfig.__dataclass_fields__}
     return make_job(
         data,
         out,
         steps=6,
-        train=TrainConfig(**{**fields, "max_minutes": max_minutes}),
+        train=replace(base.train, max_minutes=max_minutes),
         checkpoint=CheckpointConfig(save_interval=100),  # only the stop and the end save
         parallel=ParallelConfig(),
     )
