@@ -1,4 +1,4 @@
-"""Single-process model loading for sampling and evaluation.
+"""Model loading for sampling and evaluation: one process, or one model over TP x CP ranks.
 
 ``load_model(path)`` reads a checkpoint in any supported format — a megatron checkpoint folder
 or root (saved at any TP / PP / CP layout), an HF folder of ``LumosTransformer2DModel``, a
@@ -14,6 +14,7 @@ the megatron model; no megatron, no torch.distributed) behind that convention. M
 class does not express (I2V, NVS, Flag-DiT options) come back as the megatron ``LumosDiT``
 itself at TP = PP = CP = 1, for which torch.distributed (one process, gloo on CPU) and megatron's
 parallel state are started if absent. Either way ``model.model_cfg`` is the ``ModelConfig``.
+``tp`` / ``cp`` spread one megatron model over several ranks (see :func:`load_model`).
 """
 
 from __future__ import annotations
@@ -106,8 +107,10 @@ def load_model(
     format: str | None = None,  # noqa: A002 - the CLI's word for it
     model_config: ModelConfig | None = None,
     backend: str = "auto",
+    tp: int = 1,
+    cp: int = 1,
 ) -> nn.Module:
-    """Load any supported checkpoint as a single-process model in eval mode, without grads.
+    """Load any supported checkpoint as a model in eval mode, without grads.
 
     ``ema=True`` takes the EMA weights when the checkpoint stores them (else the training
     weights); ``ema=False`` the training weights. ``format`` is detected when None.
@@ -115,6 +118,12 @@ def load_model(
     its head count defaults to hidden // 72). ``backend``: ``"hf"`` (pure PyTorch, image
     models), ``"megatron"`` (``LumosDiT`` in this process, every variant) or ``"auto"`` (HF
     when the model fits it).
+
+    ``tp`` / ``cp`` > 1 (under torchrun, world size a multiple of ``tp * cp``) split one
+    megatron model over each group of ``tp * cp`` consecutive ranks: tensor parallelism
+    slices the weights, context parallelism the tokens of each sample (a long video's
+    attention and activations); every rank of a group passes the same inputs and receives
+    the whole prediction. Either implies the megatron backend.
     """
     from lumos_mcore.convert.pipeline import (
         check_hf_expressible,
@@ -128,6 +137,16 @@ def load_model(
 
     if backend not in ("auto", "hf", "megatron"):
         raise ValueError(f"backend={backend!r}: choose auto, hf or megatron")
+    for flag, size in (("tp", tp), ("cp", cp)):
+        if size < 1:
+            raise ValueError(f"{flag}={size}: must be >= 1")
+    if tp * cp > 1:
+        if backend == "hf":
+            raise ValueError(
+                f"backend='hf' with tp={tp}, cp={cp}: the Hugging Face model runs in one "
+                "process; model parallelism needs backend='megatron' (or 'auto')"
+            )
+        backend = "megatron"
     torch_dtype = parse_dtype(dtype)
     heads = model_config.num_heads_ if model_config is not None else None
     source = open_source(path, format, ema=None if ema else False, num_heads=heads)
@@ -148,7 +167,9 @@ def load_model(
 
         if torch_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"dtype={dtype!r}: the megatron backend runs in fp32 or bf16")
-        model = load_megatron_for_inference(cfg, weights, bf16=torch_dtype == torch.bfloat16)
+        model = load_megatron_for_inference(
+            cfg, weights, bf16=torch_dtype == torch.bfloat16, tp=tp, cp=cp
+        )
     del weights
     if device is not None:
         model = model.to(device)

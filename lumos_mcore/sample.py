@@ -21,6 +21,14 @@ Determinism: the noise of global batch ``k`` (batches of ``--batch-size`` over t
 condition-major list of samples) comes from a generator seeded with ``(seed, k)``, so a seed
 gives the same samples in one process or spread over ``torchrun`` ranks (each rank samples
 every ``world``-th batch; rank 0 writes the outputs).
+
+Model parallelism for long videos and large models: ``--tp N`` / ``--cp M`` (megatron backend,
+under ``torchrun``) run one model on each group of ``N * M`` ranks: TP slices the weights, CP
+splits each sample's tokens (attention and activations), so one clip's steps run on several
+GPUs. Groups are data-parallel replicas; the samples equal a one-process run's (same seeds)::
+
+    torchrun --nproc-per-node 8 -m lumos_mcore.sample --model i2v_ckpt --cp 4 --tp 2 \
+        --image first.png --dino ... --vae ...
 """
 
 from __future__ import annotations
@@ -331,9 +339,14 @@ def generate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    report: bool | None = None,
 ) -> dict[int, Tensor]:
     """Sample ``num_samples`` latents per condition; returns ``{batch index: latents}`` for the
     batches this rank ran (all of them with one rank).
+
+    ``rank`` / ``world_size`` split the batches (model replicas: ranks of one TP x CP model
+    pass the same values and run the same batches); ``report`` says whether this process
+    shows the progress bar and warnings (default: ``rank == 0``).
 
     Samples are ordered condition-major (condition 0's samples first). Latents are float32 on
     CPU, ``[b, C, (T,) H, W]``; I2V samples keep the input latent as their first frame when
@@ -347,14 +360,15 @@ def generate(
     owner = torch.arange(total) // num_samples  # condition of each sample
     n_batches = (total + batch_size - 1) // batch_size
     mine = list(range(rank, n_batches, world_size))
+    report = rank == 0 if report is None else report
     bar = None
-    if progress and rank == 0:
+    if progress and report:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine) * n_steps, desc=f"{name} x{n_steps}", unit="step")
     shape = info.latent_shape(latent_size)
     pin_first = info.is_video and info.first_frame_condition
-    if info.is_video and conds.input_latent is not None and not pin_first and rank == 0:
+    if info.is_video and conds.input_latent is not None and not pin_first and report:
         log.warning(
             "the input latent is not used: this I2V model was trained without first-frame "
             "conditioning (first_frame_condition=false), frame 0 is generated like the others"
@@ -601,11 +615,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--fps", type=int, default=8, help="GIF / MP4 frame rate (I2V)")
     o.add_argument("--device", default=None, help="default: cuda when available")
     o.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    q = p.add_argument_group("model parallelism (under torchrun; megatron backend)")
+    q.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per model")
+    q.add_argument(
+        "--cp", type=int, default=1, help="context-parallel ranks per model (splits the tokens)"
+    )
     p.add_argument("overrides", nargs="*", help="diffusion.key=value (e.g. diffusion.flow_shift=3)")
     return p
 
 
-def _default_loader(path: str, *, device=None, dtype=None) -> torch.nn.Module:
+def _default_loader(path: str, *, device=None, dtype=None, tp: int = 1, cp: int = 1):
     try:
         from lumos_mcore import load_model
     except ImportError as err:
@@ -613,7 +632,48 @@ def _default_loader(path: str, *, device=None, dtype=None) -> torch.nn.Module:
             f"lumos_mcore.load_model is not available in this build ({err}); it loads mcore, "
             "Hugging Face and .pth checkpoints for sampling"
         ) from None
-    return load_model(path, device=device, dtype=dtype)
+    return load_model(path, device=device, dtype=dtype, tp=tp, cp=cp)
+
+
+def check_model_parallel(world: int, tp: int, cp: int) -> None:
+    """Refuse a ``--tp`` / ``--cp`` layout the ranks cannot form, before anything loads."""
+    for flag, size in (("--tp", tp), ("--cp", cp)):
+        if size < 1:
+            raise SystemExit(f"{flag}={size}: must be >= 1")
+    if world % (tp * cp):
+        raise SystemExit(
+            f"--tp={tp} --cp={cp}: the {world} rank(s) do not split into models of tp*cp="
+            f"{tp * cp} ranks; launch a multiple of {tp * cp} processes (torchrun --nproc-per-node)"
+        )
+
+
+def check_cp_tokens(model: torch.nn.Module, info: ModelInfo, cp: int, latent_size=None) -> None:
+    """Each sample's tokens must split into equal context-parallel shares (``2 * cp`` chunks
+    in the zig-zag order of the TransformerEngine spec)."""
+    if cp == 1:
+        return
+    shape = info.latent_shape(latent_size)
+    p = int(getattr(model, "patch_size", 2))
+    tokens = (shape[1] if info.is_video else 1) * (shape[-2] // p) * (shape[-1] // p)
+    zigzag = getattr(model, "cp_mode", "contiguous") == "zigzag"
+    split = 2 * cp if zigzag else cp
+    if tokens % split:
+        raise SystemExit(
+            f"--cp={cp}: a sample has {tokens} tokens, not a multiple of {split}"
+            f"{' (2*cp, the zig-zag split of the TE spec)' if zigzag else ''}; change --cp, "
+            "--latent-size or --num-frames"
+        )
+
+
+def _data_parallel(rank: int, world: int, tp: int, cp: int) -> tuple[int, int, bool]:
+    """(model replica index, replica count, whether this rank hands in the replica's
+    samples): every rank of a TP x CP group runs the same batches; replicas split them."""
+    if tp * cp == 1:
+        return rank, world, True
+    from megatron.core import parallel_state as ps
+
+    lead = ps.get_tensor_model_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(), lead
 
 
 def _init_ranks(device: torch.device) -> tuple[int, int]:
@@ -646,15 +706,27 @@ def main(argv: list[str] | None = None, *, loader: Callable[..., torch.nn.Module
         device = torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     rank, world = _init_ranks(device)
+    check_model_parallel(world, args.tp, args.cp)
     config_path = args.config or find_train_config(args.model)
     diffusion = diffusion_config(str(config_path) if config_path else None, args.overrides)
     if config_path and rank == 0:
         log.info("diffusion settings from %s: %s", config_path, diffusion)
-    model = (loader or _default_loader)(args.model, device=device, dtype=dtype)
+    model = (loader or _default_loader)(
+        args.model, device=device, dtype=dtype, tp=args.tp, cp=args.cp
+    )
     model.eval()
     info = describe_model(
         model, latent_size=args.latent_size, num_frames=args.num_frames, variant=args.variant
     )
+    check_cp_tokens(model, info, args.cp, args.latent_size)
+    replica, replicas, lead = _data_parallel(rank, world, args.tp, args.cp)
+    if rank == 0 and args.tp * args.cp > 1:
+        log.info(
+            "%d model replica(s) of tp=%d x cp=%d ranks share the batches",
+            replicas,
+            args.tp,
+            args.cp,
+        )
     conds = build_conditions(args, info, device)
 
     def call(x, t, cond, mask, **extras):
@@ -678,15 +750,16 @@ def main(argv: list[str] | None = None, *, loader: Callable[..., torch.nn.Module
         batch_size=args.batch_size,
         latent_size=args.latent_size,
         device=device,
-        rank=rank,
-        world_size=world,
+        rank=replica,
+        world_size=replicas,
         progress=not args.no_progress,
+        report=rank == 0,
     )
     if world > 1:
         import torch.distributed as dist
 
         gathered: list[dict[int, Tensor]] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, parts)
+        dist.all_gather_object(gathered, parts if lead else {})  # one copy per replica
         parts = {k: v for g in gathered for k, v in g.items()}
     if rank != 0:
         return {}

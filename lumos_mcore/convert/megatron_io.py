@@ -28,14 +28,16 @@ from lumos_mcore.models.dit.hf_adapter import ConversionError
 __all__ = [
     "build_megatron_model",
     "checkpoint_writer_config",
+    "inference_config",
     "load_megatron_for_inference",
     "one_process",
     "save_megatron_checkpoint",
 ]
 
 
-def _init_one_process(cfg: ModelConfig, seed: int) -> bool:
-    """Start torch.distributed (if needed) and megatron's TP=PP=CP=1 state; True if started."""
+def _init_one_process(cfg: ModelConfig, seed: int, tp: int = 1, cp: int = 1) -> bool:
+    """Start torch.distributed (if needed) and megatron's parallel state with PP=1 and the
+    given TP / CP (default: one model per process); True if torch.distributed was started."""
     import torch.distributed as dist
 
     from lumos_mcore.config.parallel import ParallelConfig
@@ -43,7 +45,10 @@ def _init_one_process(cfg: ModelConfig, seed: int) -> bool:
 
     started = not (dist.is_available() and dist.is_initialized())
     initialize_parallel(
-        ParallelConfig(), num_attention_heads=cfg.num_heads_, num_layers=cfg.depth_, seed=seed
+        ParallelConfig(tp=tp, cp=cp),
+        num_attention_heads=cfg.num_heads_,
+        num_layers=cfg.depth_,
+        seed=seed,
     )
     return started
 
@@ -94,24 +99,29 @@ def build_megatron_model(
     seed: int = 0,
     for_checkpoint: bool = False,
 ) -> tuple[nn.Module, list[str]]:
-    """A TP=1, PP=1 ``LumosDiT`` for ``cfg`` holding ``weights`` (full megatron names; a
-    mapping or a stream of pairs, copied in one at a time so a stream needs no second copy
-    of the model in memory).
+    """A PP=1 ``LumosDiT`` for ``cfg`` at the current TP / CP layout holding ``weights`` (full
+    megatron names and shapes; a mapping or a stream of pairs, copied in one at a time so a
+    stream needs no second copy of the model in memory). Under TP each rank keeps its slice.
 
-    Every tensor must be a parameter of the model with the parameter's shape
+    Every tensor must be a parameter of the model with the parameter's global shape
     (``ConversionError`` naming the tensor and both shapes otherwise). Parameters without a
     tensor are an error, unless ``allow_new``: they then keep the model's initialisation
     (seeded by ``seed``) and their names are returned. ``for_checkpoint``: the model only
     carries the weights into a checkpoint, built per :func:`checkpoint_writer_config` (record
     ``cfg`` itself with :func:`save_megatron_checkpoint`). Needs megatron's parallel state.
     """
+    from megatron.core import parallel_state
+
     from lumos_mcore.models.dit.model import build_lumos_dit, build_transformer_config
-    from lumos_mcore.models.dit.state_dict import global_name
+    from lumos_mcore.models.dit.state_dict import global_name, shard_for_rank, tp_partition
 
     if for_checkpoint:
         cfg = checkpoint_writer_config(cfg)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    cp = parallel_state.get_context_parallel_world_size()
     torch.manual_seed(seed)
-    model = build_lumos_dit(cfg, build_transformer_config(cfg, bf16=bf16))
+    model = build_lumos_dit(cfg, build_transformer_config(cfg, tp=tp, cp=cp, bf16=bf16))
     params = {global_name(model, n): p for n, p in model.named_parameters()}
     seen: set[str] = set()
     items = weights.items() if isinstance(weights, Mapping) else weights
@@ -123,12 +133,15 @@ def build_megatron_model(
                     f"mcore tensor {name!r} is not a parameter of the megatron model for this "
                     f"config (variant={cfg.variant!r})"
                 )
-            if tuple(tensor.shape) != tuple(param.shape):
+            shape, dim = list(param.shape), tp_partition(param)
+            if dim is not None:
+                shape[dim] *= tp
+            if tuple(tensor.shape) != tuple(shape):
                 raise ConversionError(
                     f"mcore tensor {name!r} has shape {tuple(tensor.shape)}, but the megatron "
-                    f"model for this config has {tuple(param.shape)}"
+                    f"model for this config has {tuple(shape)}"
                 )
-            param.copy_(tensor)
+            param.copy_(shard_for_rank(tensor, param, tp_rank, tp))
             seen.add(name)
     new = [n for n in params if n not in seen]
     if new and not allow_new:
@@ -167,10 +180,28 @@ def save_megatron_checkpoint(
     return path
 
 
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` as a model runs for sampling: no FP8 (bf16 / fp32 GEMMs), no recompute, and
+    the TransformerEngine spec only where it imports (a ``model.spec=te`` run samples on a
+    machine without TE). These choose kernels, not parameters (see
+    :func:`checkpoint_writer_config`), so the weights load unchanged."""
+    spec = "auto" if cfg.spec == "te" else cfg.spec
+    return dataclasses.replace(cfg, spec=spec, fp8=None, recompute="none")
+
+
 def load_megatron_for_inference(
-    cfg: ModelConfig, weights: Mapping[str, Tensor], *, bf16: bool = False, seed: int = 0
+    cfg: ModelConfig,
+    weights: Mapping[str, Tensor],
+    *,
+    bf16: bool = False,
+    seed: int = 0,
+    tp: int = 1,
+    cp: int = 1,
 ) -> nn.Module:
-    """``LumosDiT`` in this process for sampling (parallel state started and kept)."""
-    _init_one_process(cfg, seed)
-    model, _ = build_megatron_model(cfg, weights, bf16=bf16, seed=seed)
+    """``LumosDiT`` for sampling, per :func:`inference_config` (parallel state started and
+    kept). With ``tp`` / ``cp`` > 1 each group of ``tp * cp`` ranks (under torchrun) holds one
+    model: TP ranks their weight slices, CP ranks their share of the tokens; every rank of the
+    group calls it with the same inputs and gets the whole prediction."""
+    _init_one_process(cfg, seed, tp=tp, cp=cp)
+    model, _ = build_megatron_model(inference_config(cfg), weights, bf16=bf16, seed=seed)
     return model

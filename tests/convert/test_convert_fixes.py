@@ -144,6 +144,19 @@ def _convert_job(rank, world, root):
                 torch.equal(p.detach(), bf16[global_name(chunks[0], n)])
                 for n, p in chunks[0].named_parameters()
             )
+        # the recorded TE / FP8 I2V model samples here (no TE, no CUDA): load_model runs it
+        # without FP8 on the local spec
+        if isinstance(res["inflate"], dict):
+            from lumos_mcore import load_model
+
+            try:
+                video = load_model(root / f"{tag}_i2v")
+                with torch.no_grad():
+                    pred = video(**_video_batch())
+                cfg = video.model_cfg
+                res["sample"] = {"spec": cfg.spec, "fp8": cfg.fp8, "pred": pred}
+            except Exception as err:  # reported to the test
+                res["sample"] = f"{type(err).__name__}: {err}"
         out["te"][tag] = res
 
     # dtype written vs recorded
@@ -240,6 +253,16 @@ def test_te_and_fp8_recorded_checkpoints_convert_on_cpu(converted, tag):
         assert {k: res[what][k] for k in want} == want, what  # the original config is recorded
     assert res["mcore"]["recompute"] == ("full" if tag == "fp8" else "none")
     assert res["loaded_equal"]
+    sample = res["sample"]
+    assert isinstance(sample, dict), sample
+    assert (sample["spec"], sample["fp8"]) == ("auto", None)
+    assert sample["pred"].shape == (2, 8, 2, 8, 8) and bool(sample["pred"].isfinite().all())
+
+
+def test_te_and_fp8_recorded_video_models_sample_alike(converted):
+    """Same weights, recorded as model.spec=te with and without FP8: the same predictions."""
+    a, b = (converted["te"][t]["sample"] for t in ("spec_te", "fp8"))
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=0, atol=0)
 
 
 # -- bug 3: megatron output dtype ----------------------------------------------------------------
