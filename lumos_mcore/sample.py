@@ -130,7 +130,7 @@ def describe_model(model: torch.nn.Module, **overrides: Any) -> ModelInfo:
             num_frames=int(hf.get("num_frames", 1)),
             cond_tokens=int(hf.get("cond_tokens", 1)),
             cond_channels=int(hf.get("cond_channels", 768)),
-            camera_dim=int(hf.get("camera_dim", 12)),
+            camera_dim=int(hf.get("camera_dim") or 12),
             use_size_conditioning=bool(hf.get("use_size_conditioning", False)),
             first_frame_condition=bool(hf.get("first_frame_condition", True)),
         )

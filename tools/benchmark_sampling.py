@@ -6,9 +6,10 @@
 
 Each layout runs in its own group of local processes (gloo on CPU, NCCL with one GPU each on
 CUDA), one after the other in this run: ``1`` is the one-process model ``lumos_mcore.sample``
-uses by default, ``cpN`` / ``tpN`` / ``tpNcpM`` the ``--tp`` / ``--cp`` model over ``N`` (x
-``M``) ranks. Every layout builds the same randomly-initialised model (megatron ``LumosDiT``,
-the sampler's model) and times ``--repeat`` no-grad forwards of one clip after ``--warmup``,
+runs with ``backend="megatron"`` (megatron ``LumosDiT`` in one process), ``hf`` the pure-PyTorch
+``LumosTransformer3DModel`` the sampler uses by default in one process, ``cpN`` / ``tpN`` /
+``tpNcpM`` the ``--tp`` / ``--cp`` model over ``N`` (x ``M``) ranks. Every layout builds a
+randomly-initialised model of the same architecture and times ``--repeat`` no-grad forwards of one clip after ``--warmup``,
 batch 2 as classifier-free guidance calls it. On CPU the machine's cores are divided among a
 layout's ranks, so the ratios say what splitting one clip buys on the same hardware. Reported:
 median seconds per call, speedup over ``1``, and on CUDA the peak memory per rank.
@@ -26,14 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-_LAYOUT = re.compile(r"^(?:1|(?:tp(\d+))?(?:cp(\d+))?)$")
+_LAYOUT = re.compile(r"^(?:1|hf|(?:tp(\d+))?(?:cp(\d+))?)$")
 
 
 def parse_layout(text: str) -> tuple[int, int]:
-    """``"1"`` -> (1, 1); ``"cp2"`` -> (1, 2); ``"tp2cp4"`` -> (2, 4)."""
+    """``"1"`` / ``"hf"`` -> (1, 1); ``"cp2"`` -> (1, 2); ``"tp2cp4"`` -> (2, 4)."""
     m = _LAYOUT.match(text.strip())
     if not m or not text.strip():
-        raise SystemExit(f"--layouts: {text!r} is not 1, tpN, cpM or tpNcpM")
+        raise SystemExit(f"--layouts: {text!r} is not 1, hf, tpN, cpM or tpNcpM")
     return int(m.group(1) or 1), int(m.group(2) or 1)
 
 
@@ -49,7 +50,9 @@ def _model_config(args: argparse.Namespace):
     )
 
 
-def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int, cp: int, q):
+def _worker(
+    rank: int, world: int, port: int, args: argparse.Namespace, tp: int, cp: int, hf: bool, q
+):
     import torch
 
     os.environ.update(
@@ -68,7 +71,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int,
 
         torch.set_num_threads(max(1, cpu_cores() // world))
     try:
-        q.put((rank, _time_layout(args, tp, cp, cuda)))
+        q.put((rank, _time_layout(args, tp, cp, cuda, hf)))
     except BaseException as err:  # reported to the parent, which names the layout
         q.put((rank, f"{type(err).__name__}: {err}"))
     finally:
@@ -77,7 +80,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, tp: int,
         destroy_parallel()
 
 
-def _time_layout(args: argparse.Namespace, tp: int, cp: int, cuda: bool) -> dict:
+def _build(cfg, tp: int, cp: int, cuda: bool, hf: bool):
+    """The layout's model: the HF class (``hf``) or megatron's ``LumosDiT`` over TP x CP."""
     import torch
 
     from lumos_mcore.convert.megatron_io import (
@@ -86,12 +90,30 @@ def _time_layout(args: argparse.Namespace, tp: int, cp: int, cuda: bool) -> dict
         inference_config,
     )
 
-    cfg = _model_config(args)
+    if hf:
+        from lumos_mcore.inference import LumosInferenceModel
+        from lumos_mcore.models.dit.hf_adapter import (
+            hf_class_name,
+            hf_config_from_model_config,
+            hf_model_class,
+        )
+
+        torch.manual_seed(0)
+        config = hf_config_from_model_config(cfg, cond_dropout_prob=0.0)
+        model = hf_model_class(hf_class_name(cfg))(**config)
+        return LumosInferenceModel(model.to(torch.bfloat16) if cuda else model, cfg)
     _init_one_process(cfg, seed=0, tp=tp, cp=cp)
     model, _ = build_megatron_model(inference_config(cfg), {}, allow_new=True, bf16=cuda, seed=0)
+    return model
+
+
+def _time_layout(args: argparse.Namespace, tp: int, cp: int, cuda: bool, hf: bool = False) -> dict:
+    import torch
+
+    cfg = _model_config(args)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = model.to(device).eval()
+    model = _build(cfg, tp, cp, cuda, hf).to(device).eval()
     g = torch.Generator().manual_seed(1)
     shape = (2, cfg.in_channels, args.frames, args.latent_size, args.latent_size)
     x = torch.randn(shape, generator=g).to(device, dtype)  # [2, C, T, H, W]
@@ -112,7 +134,7 @@ def _time_layout(args: argparse.Namespace, tp: int, cp: int, cuda: bool) -> dict
     return {"seconds": statistics.median(times), "peak_gib": peak, "shape": tuple(out.shape)}
 
 
-def run_layout(args: argparse.Namespace, tp: int, cp: int) -> dict:
+def run_layout(args: argparse.Namespace, tp: int, cp: int, hf: bool = False) -> dict:
     import torch
     import torch.multiprocessing as mp
 
@@ -125,7 +147,8 @@ def run_layout(args: argparse.Namespace, tp: int, cp: int) -> dict:
     q = ctx.Queue()
     port = find_free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, args, tp, cp, q)) for r in range(world)
+        ctx.Process(target=_worker, args=(r, world, port, args, tp, cp, hf, q))
+        for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -177,7 +200,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     p.add_argument("--frames", type=int, default=8)
     p.add_argument("--latent-size", type=int, default=32)
     p.add_argument("--attention", choices=("full_3d", "spatial_temporal"), default="full_3d")
-    p.add_argument("--layouts", default="1,cp2,tp2", help="comma-separated: 1, tpN, cpM, tpNcpM")
+    p.add_argument(
+        "--layouts", default="1,hf,cp2,tp2", help="comma-separated: 1, hf, tpN, cpM, tpNcpM"
+    )
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -189,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, dict]]:
     rows = []
     for name in layouts:
         tp, cp = parse_layout(name)
-        rows.append((name, run_layout(args, tp, cp)))
+        rows.append((name, run_layout(args, tp, cp, hf=name == "hf")))
         print(f"{name}: {rows[-1][1]['seconds']:.3f} s / call", flush=True)
     import torch
 

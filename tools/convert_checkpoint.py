@@ -6,9 +6,10 @@
 
 Formats: ``mcore`` (megatron dist_checkpointing folder or checkpoint root, any TP/PP/CP/DP
 layout; written layout-independent), ``hf`` (``config.json`` +
-``diffusion_pytorch_model.safetensors``, sharded with an index above ``--max-shard-size``; loads
-with ``LumosTransformer2DModel.from_pretrained``), ``pixart-diffusers`` (diffusers
-``PixArtTransformer2DModel`` folders, adaLN-single models only), ``lumos-pth`` (released
+``diffusion_pytorch_model.safetensors``, sharded with an index above ``--max-shard-size``; every
+variant: I2I / T2I / NVS load with ``LumosTransformer2DModel.from_pretrained``, I2V with
+``LumosTransformer3DModel.from_pretrained``, Flag-DiT options included), ``pixart-diffusers``
+(diffusers ``PixArtTransformer2DModel`` folders, plain adaLN-single image models only), ``lumos-pth`` (released
 ``Lumos_I2I.pth`` / ``Lumos_T2I.pth``, read only; the architecture is inferred from the tensors,
 the head count as hidden // 72 unless ``--model`` / ``--config`` / ``--num-heads`` say otherwise).
 

@@ -1,5 +1,6 @@
 """Checkpoint conversion: megatron ``dist_checkpointing`` <-> Hugging Face (diffusers) folders
-of ``LumosTransformer2DModel`` <-> diffusers ``PixArtTransformer2DModel``, plus the released
+of ``LumosTransformer2DModel`` (I2I / T2I / NVS) and ``LumosTransformer3DModel`` (I2V) <->
+diffusers ``PixArtTransformer2DModel``, plus the released
 Lumos ``.pth`` files; streaming, validated against the target architecture, atomic on disk.
 
 Command line: ``python tools/convert_checkpoint.py --help``.
@@ -10,7 +11,6 @@ from lumos_mcore.convert.mcore_reader import McoreCheckpointReader, resolve_mcor
 from lumos_mcore.convert.pipeline import (
     DEST_FORMATS,
     SOURCE_FORMATS,
-    check_hf_expressible,
     convert_checkpoint,
     convert_stream,
     load_model_config,
@@ -29,7 +29,6 @@ __all__ = [
     "ShardedSafetensorsWriter",
     "TensorSpec",
     "WeightSource",
-    "check_hf_expressible",
     "convert_checkpoint",
     "convert_stream",
     "detect_format",

@@ -40,7 +40,6 @@ from torch import Tensor
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.convert.safetensors_io import ShardedSafetensorsWriter, TensorSpec
 from lumos_mcore.convert.sources import (
-    HF_CLASS,
     PIXART_CLASS,
     SOURCE_FORMATS,
     WeightSource,
@@ -52,13 +51,13 @@ from lumos_mcore.models.dit.hf_adapter import (
     ConversionError,
     StateDictConverter,
     check_state_dict,
+    hf_class_name,
     hf_config_from_model_config,
 )
 
 __all__ = [
     "DEST_FORMATS",
     "SOURCE_FORMATS",
-    "check_hf_expressible",
     "convert_checkpoint",
     "convert_stream",
     "head_count",
@@ -79,14 +78,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "fp16": torch.float16,
     "float16": torch.float16,
-}
-# ModelConfig options the HF class (and the hf_adapter name table) cannot express, with the
-# value that it can.
-_HF_DEFAULTS = {
-    "norm": "layernorm",
-    "qk_norm": False,
-    "pos_embed": "sincos",
-    "cross_attn_gate": False,
 }
 
 
@@ -127,23 +118,6 @@ def head_count(
             "make the two agree"
         )
     return num_heads if num_heads is not None else implied
-
-
-def check_hf_expressible(cfg: ModelConfig) -> None:
-    """Raise ``ConversionError`` naming the first ``model.*`` option ``LumosTransformer2DModel``
-    (the HF export and single-process class) cannot express."""
-    if cfg.variant not in ("i2i", "t2i"):
-        raise ConversionError(
-            f"model.variant={cfg.variant!r}: the HF export (LumosTransformer2DModel) holds the "
-            "image models i2i / t2i; convert this checkpoint mcore -> mcore"
-        )
-    for flag, ok in _HF_DEFAULTS.items():
-        value = getattr(cfg, flag, ok)
-        if value != ok:
-            raise ConversionError(
-                f"model.{flag}={value!r}: LumosTransformer2DModel (the HF export) only has "
-                f"{flag}={ok!r}; convert this checkpoint mcore -> mcore"
-            )
 
 
 def resolve_model_config(
@@ -189,16 +163,8 @@ def plan_conversion(
     Checks every source tensor's name and shape against ``target`` without reading data;
     raises ``ConversionError`` naming the tensor and both shapes when one does not fit.
     """
-    covered = True
-    try:
-        check_hf_expressible(target)
-    except ConversionError:
-        if layout == "hf" or source.layout == "hf":
-            raise
-        covered = False  # mcore -> mcore of a variant the name table does not know: as stored
     if source.layout == layout:
-        if covered:
-            check_state_dict(((s.name, _meta(s)) for s in source.specs), target, layout)
+        check_state_dict(((s.name, _meta(s)) for s in source.specs), target, layout)
         out = list(source.specs)
     else:
         conv = StateDictConverter(target, source.layout)
@@ -516,8 +482,10 @@ def convert_checkpoint(
     )
     target = resolve_model_config(source, model_config, model_name)
     layout = "mcore" if dst_format == "mcore" else "hf"
-    if dst_format != "mcore":
-        check_hf_expressible(target)
+    if dst_format == "pixart-diffusers":  # refused before a byte is read
+        from lumos_mcore.models.dit.pixart_adapter import pixart_config_from_hf_config
+
+        pixart_config_from_hf_config(hf_config_from_model_config(target))
     specs = plan_conversion(source, target, layout, torch_dtype)
     if dst_format == "mcore":
         ParallelConfig(tp=tp, pp=pp, cp=cp).validate(
@@ -537,7 +505,8 @@ def convert_checkpoint(
         out = stage / "out"
         if dst_format == "hf":
             config = hf_config_from_model_config(target)
-            _write_safetensors_folder(out, specs, items, HF_CLASS, config, max_shard_size, bar)
+            name = hf_class_name(target)
+            _write_safetensors_folder(out, specs, items, name, config, max_shard_size, bar)
         elif dst_format == "pixart-diffusers":
             from lumos_mcore.models.dit.pixart_adapter import hf_to_pixart
 
@@ -605,8 +574,6 @@ def stream_weights(
             f"--num-heads {heads}: {source.description} has num_heads={target.num_heads_}; "
             "drop --num-heads"
         )
-    if layout == "hf":
-        check_hf_expressible(target)
     torch_dtype = parse_dtype(dtype)
     specs = plan_conversion(source, target, layout, torch_dtype)
     return target, specs, convert_stream(source, target, layout, torch_dtype)

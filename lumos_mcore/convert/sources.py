@@ -29,7 +29,7 @@ from torch import Tensor
 from lumos_mcore.config.model import ModelConfig
 from lumos_mcore.convert.mcore_reader import McoreCheckpointReader, is_mcore_checkpoint
 from lumos_mcore.convert.safetensors_io import DTYPE_NAMES, TensorSpec, safetensors_files
-from lumos_mcore.models.dit.hf_adapter import ConversionError
+from lumos_mcore.models.dit.hf_adapter import HF_CLASSES, ConversionError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 SOURCE_FORMATS = ("mcore", "hf", "pixart-diffusers", "lumos-pth")
-HF_CLASS = "LumosTransformer2DModel"
 PIXART_CLASS = "PixArtTransformer2DModel"
 _DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
@@ -113,10 +112,11 @@ def detect_format(path: str | os.PathLike) -> str:
         name = _class_name(folder)
         if name == PIXART_CLASS:
             return "pixart-diffusers"
-        if name in (HF_CLASS, None):
+        if name in (*HF_CLASSES, None):
             return "hf"
         raise ConversionError(
-            f"{folder / 'config.json'}: model class {name!r}; expected {HF_CLASS} or {PIXART_CLASS}"
+            f"{folder / 'config.json'}: model class {name!r}; expected "
+            f"{', '.join(HF_CLASSES)} or {PIXART_CLASS}"
         )
     raise ConversionError(
         f"{path}: not a megatron checkpoint (metadata.json / latest), a diffusers model folder "
@@ -195,8 +195,10 @@ def _hf_source(path: Path) -> WeightSource:
         raise ConversionError(
             f"{folder}: holds a {PIXART_CLASS}; read it with --src-format pixart-diffusers"
         )
-    if name not in (HF_CLASS, None):
-        raise ConversionError(f"{folder}: model class {name!r} is not {HF_CLASS}")
+    if name not in (*HF_CLASSES, None):
+        raise ConversionError(
+            f"{folder}: model class {name!r} is not one of {', '.join(HF_CLASSES)}"
+        )
     cfg = model_config_from_hf_config(config)
     specs, stream = _read_folder_weights(folder)
     return WeightSource("hf", specs, stream, cfg, f"HF folder {folder}")

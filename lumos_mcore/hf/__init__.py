@@ -7,5 +7,13 @@ from lumos_mcore.hf.lumos_transformer_2d import (
     LumosSelfAttention,
     LumosTransformer2DModel,
 )
+from lumos_mcore.hf.lumos_transformer_3d import LumosTransformer3DModel, LumosVideoBlock
 
-__all__ = ["LumosBlock", "LumosCrossAttention", "LumosSelfAttention", "LumosTransformer2DModel"]
+__all__ = [
+    "LumosBlock",
+    "LumosCrossAttention",
+    "LumosSelfAttention",
+    "LumosTransformer2DModel",
+    "LumosTransformer3DModel",
+    "LumosVideoBlock",
+]

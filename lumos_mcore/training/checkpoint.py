@@ -496,7 +496,7 @@ def _does_not_fit(what: str, report: WeightsReport) -> ValueError:
 # What ``checkpoint.init_from`` accepts besides megatron checkpoints, by detect_init_source kind.
 INIT_SOURCE_KINDS = {
     "mcore": "megatron checkpoint",
-    "hf": "Hugging Face (diffusers) LumosTransformer2DModel folder",
+    "hf": "Hugging Face (diffusers) LumosTransformer2DModel / LumosTransformer3DModel folder",
     "pixart-diffusers": "diffusers PixArtTransformer2DModel folder",
     "lumos-pth": "Lumos / PixArt .pth file",
     "safetensors": ".safetensors file",

@@ -343,7 +343,7 @@ def test_released_pth_to_hf_matches_reference(setup, pth_reference):
 # I2I -> I2V inflation
 # ---------------------------------------------------------------------------------------------
 def test_inflated_i2v_is_the_image_model_per_frame(setup):
-    assert setup["video_model"] == "LumosDiT"  # the HF class has no video model
+    assert setup["video_model"] == "LumosInferenceModel"  # the HF video class, one process
     out, ref = setup["video_out"], setup["image_per_frame"]
     assert out.shape == ref.shape == (2, 8, 3, 8, 8)
     assert ref.abs().mean() > 1e-2

@@ -312,8 +312,10 @@ def test_inexpressible_hf_configs_are_refused():
         model_config_from_hf_config(dict(base, patch_size=3, sample_size=9))
     with pytest.raises(ConversionError, match=r"config\.pos_base_size=8"):
         model_config_from_hf_config(dict(base, pos_base_size=8))
-    with pytest.raises(ConversionError, match=r"\['qk_norm'\]"):
-        model_config_from_hf_config(dict(base, qk_norm=True))
+    with pytest.raises(ConversionError, match=r"\['qk_norms'\]"):
+        model_config_from_hf_config(dict(base, qk_norms=True))
+    with pytest.raises(ConversionError, match=r"\['camera_dim'\] are not LumosTransformer3DModel"):
+        model_config_from_hf_config(dict(base, num_frames=2, camera_dim=12))
 
 
 # ---------------------------------------------------------------------------------------------

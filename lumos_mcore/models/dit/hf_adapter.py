@@ -1,4 +1,5 @@
-"""Map full megatron ``LumosDiT`` state dicts to / from ``LumosTransformer2DModel`` ones.
+"""Map full megatron ``LumosDiT`` state dicts to / from the HF classes' ones
+(``LumosTransformer2DModel`` for I2I / T2I / NVS, ``LumosTransformer3DModel`` for I2V).
 
 Both sides are *full* state dicts: unsharded tensors, global layer indices (what
 ``state_dict.assemble`` builds from the ranks and ``state_dict.load_full_state_dict`` shards
@@ -13,9 +14,12 @@ again). Names differ only inside the transformer blocks::
       cross_attention.linear_kv   [k_h; v_h]_h          cross_attn.kv_linear   [K; V]
       cross_attention.linear_proj                       cross_attn.proj
       mlp.linear_fc1 / linear_fc2                       mlp.fc1 / mlp.fc2
+      temporal_attention.linear_qkv / linear_proj       temporal_attn.qkv / proj (I2V s+t)
+      {self,temporal}_attention.{q,k}_layernorm         {attn,temporal_attn}.{q,k}_norm
+      cross_attention.core_attention.gate               cross_attn.gate        (gated)
 
 Embedders (``x_embedder``, ``t_embedder``, ``y_embedder``, ``csize_embedder``, ``ar_embedder``,
-``t_block``) and ``final_layer`` have the same names on both sides. megatron fuses Q/K/V *per
+``t_block``, ``camera_embedder``) and ``final_layer`` have the same names on both sides. megatron fuses Q/K/V *per
 head* (so that a tensor-parallel rank's heads are one contiguous row block), the released code
 fuses them *per projection*; the fused weights and biases are permuted accordingly — a pure
 permutation, so a round trip is bit-exact.
@@ -29,6 +33,7 @@ missing tensors by name. No megatron import: this runs wherever the checkpoint i
 from __future__ import annotations
 
 import inspect
+import itertools
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,7 +48,13 @@ __all__ = [
     "ConversionError",
     "StateDictConverter",
     "check_state_dict",
+    "HF_CLASS",
+    "HF_CLASSES",
+    "HF_VIDEO_CLASS",
+    "hf_class_name",
+    "hf_class_of_config",
     "hf_config_defaults",
+    "hf_model_class",
     "hf_config_from_model_config",
     "hf_shapes",
     "hf_to_mcore",
@@ -85,7 +96,7 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
         same(f"{name}.weight", (out_f, in_f))
         same(f"{name}.bias", (out_f,))
 
-    same("x_embedder.proj.weight", (d, cfg.in_channels, p, p))
+    same("x_embedder.proj.weight", (d, cfg.model_in_channels, p, p))
     same("x_embedder.proj.bias", (d,))
     linear("t_embedder.mlp.0", d, FREQ_DIM)
     linear("t_embedder.mlp.2", d, d)
@@ -98,6 +109,9 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
     linear("y_embedder.y_proj.fc1", d, cfg.cond_channels)
     linear("y_embedder.y_proj.fc2", d, d)
     same("y_embedder.y_embedding", (cfg.cond_tokens, cfg.cond_channels))
+    if cfg.variant == "nvs":
+        linear("camera_embedder.mlp.fc1", d, cfg.camera_dim)
+        linear("camera_embedder.mlp.fc2", d, d)
 
     layer_map = [
         ("self_attention.linear_qkv", "attn.qkv", 3 * d, d, 3),
@@ -110,6 +124,17 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
     ]
     if cfg.adaln_type == "zero":
         layer_map.insert(0, ("adaln.linear", "adaLN_modulation.1", 6 * d, d, 0))
+    attentions = [("self_attention", "attn")]
+    if cfg.temporal_attention:
+        attentions.append(("temporal_attention", "temporal_attn"))
+        layer_map += [
+            ("temporal_attention.linear_qkv", "temporal_attn.qkv", 3 * d, d, 3),
+            ("temporal_attention.linear_proj", "temporal_attn.proj", d, d, 0),
+        ]
+    # Per-head QK-norm (megatron's q/k_layernorm: torch / TE LayerNorm with bias, RMSNorm
+    # without) and the per-head cross-attention gate: plain copies.
+    norm_params = ("weight", "bias") if cfg.norm == "layernorm" else ("weight",)
+    head_dim = d // cfg.num_heads_
     for i in range(cfg.depth_):
         m, h = f"decoder.layers.{i}.", f"blocks.{i}."
         if cfg.adaln_type == "single":
@@ -117,6 +142,23 @@ def _table(cfg: ModelConfig) -> list[_Entry]:
         for mname, hname, out_f, in_f, fused in layer_map:
             entries.append(_Entry(f"{m}{mname}.weight", f"{h}{hname}.weight", (out_f, in_f), fused))
             entries.append(_Entry(f"{m}{mname}.bias", f"{h}{hname}.bias", (out_f,), fused))
+        if cfg.qk_norm:
+            for (mattn, hattn), qk, param in itertools.product(attentions, "qk", norm_params):
+                entries.append(
+                    _Entry(
+                        f"{m}{mattn}.{qk}_layernorm.{param}",
+                        f"{h}{hattn}.{qk}_norm.{param}",
+                        (head_dim,),
+                    )
+                )
+        if cfg.cross_attn_gate:
+            entries.append(
+                _Entry(
+                    f"{m}cross_attention.core_attention.gate",
+                    f"{h}cross_attn.gate",
+                    (cfg.num_heads_,),
+                )
+            )
 
     linear("final_layer.linear", p * p * cfg.out_channels, d)
     same("final_layer.scale_shift_table", (2, d))
@@ -215,7 +257,7 @@ class StateDictConverter:
         return (
             f"a model with depth={c.depth_}, hidden_size={c.hidden_size_}, "
             f"num_heads={c.num_heads_}, patch_size={c.patch_size}, adaln_type={c.adaln_type!r}, "
-            f"use_size_conditioning={c.use_size_conditioning}"
+            f"use_size_conditioning={c.use_size_conditioning}, variant={c.variant!r}"
         )
 
     def _why_unknown(self, name: str) -> str:
@@ -270,7 +312,7 @@ def hf_config_from_model_config(
     so the export's own training-time dropout is a separate argument.
     """
     c = model_cfg
-    return dict(
+    config = dict(
         sample_size=c.latent_size,
         patch_size=c.patch_size,
         in_channels=c.in_channels,
@@ -289,13 +331,60 @@ def hf_config_from_model_config(
         cond_dropout_prob=cond_dropout_prob,
         norm_eps=c.norm_eps,
     )
+    # Options the released image models do not have: written only when set, so an export of
+    # an I2I / T2I model keeps the config.json of the released class.
+    extra = dict(
+        camera_dim=c.camera_dim if c.variant == "nvs" else None,
+        norm_type=c.norm,
+        qk_norm=c.qk_norm,
+        pos_embed_type=c.pos_embed,
+        rope_theta=float(c.rope_theta),
+        rope_ntk_factor=float(c.rope_ntk_factor),
+        cross_attn_gate=c.cross_attn_gate,
+    )
+    defaults = hf_config_defaults(hf_class_name(c))
+    config.update({k: v for k, v in extra.items() if k in defaults and v != defaults[k]})
+    if c.is_video:
+        config.update(
+            num_frames=c.num_frames,
+            video_attention=c.video_attention,
+            first_frame_condition=c.first_frame_condition,
+        )
+    return config
 
 
-def hf_config_defaults() -> dict[str, Any]:
-    """``LumosTransformer2DModel`` constructor defaults (fill-ins for partial config dicts)."""
-    from lumos_mcore.hf.lumos_transformer_2d import LumosTransformer2DModel
+HF_CLASS = "LumosTransformer2DModel"
+HF_VIDEO_CLASS = "LumosTransformer3DModel"
+HF_CLASSES = (HF_CLASS, HF_VIDEO_CLASS)
+_VIDEO_FIELDS = ("num_frames", "video_attention", "first_frame_condition")
 
-    sig = inspect.signature(LumosTransformer2DModel.__init__)
+
+def hf_class_name(model_cfg: ModelConfig) -> str:
+    """The diffusers class an export of ``model_cfg`` holds: 3-D for video, else 2-D."""
+    return HF_VIDEO_CLASS if model_cfg.is_video else HF_CLASS
+
+
+def hf_model_class(name: str = HF_CLASS) -> type:
+    """The class named by a ``config.json``'s ``_class_name`` (one of ``HF_CLASSES``)."""
+    from lumos_mcore.hf import LumosTransformer2DModel, LumosTransformer3DModel
+
+    classes = {HF_CLASS: LumosTransformer2DModel, HF_VIDEO_CLASS: LumosTransformer3DModel}
+    if name not in classes:
+        raise ConversionError(f"model class {name!r}: expected one of {', '.join(HF_CLASSES)}")
+    return classes[name]
+
+
+def hf_class_of_config(cfg: Mapping[str, Any]) -> str:
+    """Class of a config dict: its ``_class_name``, else 3-D when it has video fields."""
+    name = cfg.get("_class_name")
+    if name is not None:
+        return name
+    return HF_VIDEO_CLASS if any(k in cfg for k in _VIDEO_FIELDS) else HF_CLASS
+
+
+def hf_config_defaults(class_name: str = HF_CLASS) -> dict[str, Any]:
+    """Constructor defaults of an HF class (fill-ins for partial config dicts)."""
+    sig = inspect.signature(hf_model_class(class_name).__init__)
     return {k: v.default for k, v in sig.parameters.items() if k != "self"}
 
 
@@ -308,16 +397,17 @@ def model_config_from_hf_config(cfg: Mapping[str, Any], **overrides: Any) -> Mod
     ``cfg`` may be ``model.config`` or a ``config.json`` dict (``_``-prefixed metadata is
     ignored; missing fields take the class defaults). The backbone name is the registry entry
     with the same shape when there is one, else a same-patch entry with explicit
-    ``depth``/``hidden_size``/``num_heads``. ``variant`` (which has no effect on the weights)
-    defaults to ``t2i`` for T5-width conditions or size conditioning, else ``i2i``;
+    ``depth``/``hidden_size``/``num_heads``. ``variant`` is ``i2v`` for the 3-D class, ``nvs``
+    with a ``camera_dim``, else (no effect on the weights) ``t2i`` for T5-width conditions or
+    size conditioning, else ``i2i``;
     ``overrides`` set any other ``ModelConfig`` field (``spec``, ``recompute``, ...).
     """
-    defaults = hf_config_defaults()
+    class_name = hf_class_of_config(cfg)
+    defaults = hf_config_defaults(class_name)
     unknown = sorted(k for k in cfg if not k.startswith("_") and k not in defaults)
     if unknown:
         raise ConversionError(
-            f"config fields {unknown} are not LumosTransformer2DModel arguments "
-            f"({', '.join(defaults)})"
+            f"config fields {unknown} are not {class_name} arguments ({', '.join(defaults)})"
         )
     c = {**defaults, **{k: v for k, v in cfg.items() if not k.startswith("_")}}
     p, d, depth, heads = c["patch_size"], c["hidden_size"], c["depth"], c["num_heads"]
@@ -357,7 +447,17 @@ def model_config_from_hf_config(cfg: Mapping[str, Any], **overrides: Any) -> Mod
                 f"{MODEL_SIZES[name].mlp_ratio}"
             )
         arch = {"name": name, "depth": depth, "hidden_size": d, "num_heads": heads}
-    variant = "t2i" if c["cond_channels"] == T5_CHANNELS or c["use_size_conditioning"] else "i2i"
+    variant_fields = {}
+    if class_name == HF_VIDEO_CLASS:
+        variant = "i2v"
+        variant_fields = {k: c[k] for k in _VIDEO_FIELDS}
+    elif c.get("camera_dim") is not None:
+        variant = "nvs"
+        variant_fields = {"camera_dim": c["camera_dim"]}
+    elif c["cond_channels"] == T5_CHANNELS or c["use_size_conditioning"]:
+        variant = "t2i"
+    else:
+        variant = "i2i"
     kwargs = dict(
         arch,
         variant=variant,
@@ -370,6 +470,13 @@ def model_config_from_hf_config(cfg: Mapping[str, Any], **overrides: Any) -> Mod
         use_size_conditioning=bool(c["use_size_conditioning"]),
         pos_interpolation_scale=float(c["pos_interpolation_scale"]),
         norm_eps=float(c["norm_eps"]),
+        norm=c["norm_type"],
+        qk_norm=bool(c["qk_norm"]),
+        pos_embed=c["pos_embed_type"],
+        rope_theta=float(c["rope_theta"]),
+        rope_ntk_factor=float(c["rope_ntk_factor"]),
+        cross_attn_gate=bool(c["cross_attn_gate"]),
+        **variant_fields,
     )
     kwargs.update(overrides)
     return ModelConfig(**kwargs)

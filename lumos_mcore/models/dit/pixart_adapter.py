@@ -49,7 +49,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lumos_mcore.models.dit.hf_adapter import ConversionError, hf_config_defaults
+from lumos_mcore.models.dit.hf_adapter import (
+    HF_CLASS,
+    ConversionError,
+    hf_class_of_config,
+    hf_config_defaults,
+)
 
 __all__ = [
     "hf_config_from_pixart_config",
@@ -183,6 +188,16 @@ def hf_config_from_pixart_config(
     )
 
 
+# Lumos options diffusers' PixArt class has no slot for, with the value it computes.
+_PLAIN_IMAGE_MODEL = {
+    "camera_dim": None,
+    "norm_type": "layernorm",
+    "qk_norm": False,
+    "pos_embed_type": "sincos",
+    "cross_attn_gate": False,
+}
+
+
 def pixart_config_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     """``PixArtTransformer2DModel`` kwargs computing what the Lumos HF config computes."""
     c = {**hf_config_defaults(), **{k: v for k, v in hf_config.items() if not k.startswith("_")}}
@@ -191,7 +206,13 @@ def pixart_config_from_hf_config(hf_config: Mapping[str, Any]) -> dict[str, Any]
         if not ok:
             raise ConversionError(f"config.{key}={c[key]!r}: {why}")
 
+    if hf_class_of_config(hf_config) != HF_CLASS:
+        raise ConversionError(
+            f"{hf_class_of_config(hf_config)}: PixArtTransformer2DModel holds image models only"
+        )
     need("adaln_type", c["adaln_type"] == "single", "PixArt blocks are adaLN-single")
+    for key, plain in _PLAIN_IMAGE_MODEL.items():
+        need(key, c[key] == plain, f"PixArtTransformer2DModel only has {key}={plain!r}")
     need("mlp_ratio", c["mlp_ratio"] == MLP_RATIO, f"PixArt's MLP ratio is {MLP_RATIO:g}")
     need(
         "norm_eps",
