@@ -1,5 +1,6 @@
-"""``lumos_mcore.sample`` on CUDA: the megatron I2V model samples in bf16 (TE spec when it
-imports), on one GPU and as one context-parallel model over two GPUs (nccl).
+"""``lumos_mcore.sample`` on CUDA in bf16: on one GPU (the one-process model, the HF class
+``LumosTransformer3DModel``) and as one context-parallel megatron I2V model over two GPUs (nccl;
+TE spec when it imports).
 
 Flow matching with Euler steps keeps a random model's samples O(1), so bf16 rounding stays
 visible as a small relative error: on CPU, emulated in bf16, one process is 2e-3 from fp32 and

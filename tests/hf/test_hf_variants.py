@@ -250,3 +250,27 @@ def test_pixart_export_refuses_what_pixart_cannot_hold(tmp_path, kw, match):
     with pytest.raises(ConversionError, match=match):
         convert_checkpoint(tmp_path / "src", "hf", tmp_path / "px", "pixart-diffusers")
     assert not (tmp_path / "px").exists()
+
+
+def test_video_gradient_checkpointing_gives_the_same_gradients():
+    model = LumosTransformer3DModel(
+        sample_size=8, hidden_size=48, depth=2, num_heads=4, cond_channels=24, num_frames=2,
+        qk_norm=True, pos_embed_type="rope", cond_dropout_prob=0.0,
+    ).train()  # fmt: skip
+    _randomise(model, 0)
+    g = torch.Generator().manual_seed(1)
+    x, cond = torch.randn(2, 4, 2, 8, 8, generator=g), torch.randn(2, 1, 24, generator=g)
+    t = torch.rand(2, 2, generator=g) * 999
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(x, t, cond).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 60
+    assert any(".temporal_attn." in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=0)

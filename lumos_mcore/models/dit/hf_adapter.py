@@ -19,10 +19,10 @@ again). Names differ only inside the transformer blocks::
       cross_attention.core_attention.gate               cross_attn.gate        (gated)
 
 Embedders (``x_embedder``, ``t_embedder``, ``y_embedder``, ``csize_embedder``, ``ar_embedder``,
-``t_block``, ``camera_embedder``) and ``final_layer`` have the same names on both sides. megatron fuses Q/K/V *per
-head* (so that a tensor-parallel rank's heads are one contiguous row block), the released code
-fuses them *per projection*; the fused weights and biases are permuted accordingly — a pure
-permutation, so a round trip is bit-exact.
+``t_block``, ``camera_embedder``) and ``final_layer`` have the same names on both sides.
+megatron fuses Q/K/V *per head* (so that a tensor-parallel rank's heads are one contiguous row
+block), the released code fuses them *per projection*; the fused weights and biases are permuted
+accordingly — a pure permutation, so a round trip is bit-exact.
 
 Every tensor maps to exactly one tensor, so :class:`StateDictConverter` converts tensor by
 tensor (streaming a large checkpoint needs no more memory than one tensor); it checks every
