@@ -131,6 +131,14 @@ class LumosCrossAttention(nn.Module):
     def forward(self, x: Tensor, cond: Tensor, key_mask: Tensor | None = None) -> Tensor:
         b, n, d = x.shape
         lc = cond.shape[1]
+        if lc == 1 and key_mask is None:
+            # Softmax over one key is exactly 1: every query gets that token's value, so the
+            # query projection and the attention are skipped (as the megatron model does).
+            v = F.linear(cond, self.kv_linear.weight[d:], self.kv_linear.bias[d:])  # [B, 1, D]
+            if self.gate is not None:
+                v = v.unflatten(-1, (self.num_heads, -1)) * torch.tanh(self.gate)[:, None]
+                v = v.flatten(-2)  # [B, 1, D]
+            return self.proj(v).expand(b, n, d)  # [B, N, D]
         q = self.q_linear(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_linear(cond).reshape(b, lc, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lc, hd] each
