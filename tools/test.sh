@@ -8,4 +8,4 @@ echo "[test] ruff"
 ruff format --check lumos_mcore kernels tools tests examples
 ruff check lumos_mcore kernels tools tests examples
 echo "[test] pytest"
-python -m pytest -q -p no:cacheprovider "$@"
+python -m pytest -q -p no:cacheprovider --durations=25 "$@"
