@@ -69,9 +69,7 @@ def _worker(
     world_size: int,
     env: dict[str, str],
     forked: bool,
-    fn: Callable[..., Any],
-    args: tuple,
-    kwargs: dict,
+    call: bytes,
     results: Any,
 ) -> None:
     # A forked rank holds the server's environment: replace it with the caller's.
@@ -81,6 +79,7 @@ def _worker(
     if forked:
         _fork_checkpoint_results_queue()
     try:
+        fn, args, kwargs = pickle.loads(call)
         out = fn(rank, world_size, *args, **kwargs)
         payload = ("ok", pickle.dumps(out))  # plain pickle: copies tensors, no shared memory
     except BaseException:
@@ -142,6 +141,9 @@ def run_distributed(
     """
     ctx = _context()
     forked = ctx.get_start_method() == "forkserver"
+    # Plain pickle copies tensors: multiprocessing would pass each one's shared memory as a
+    # file descriptor, and a forkserver takes at most a few hundred per process.
+    call = pickle.dumps((fn, args, kwargs))
     results = ctx.Queue()
     port = str(find_free_port())
     env = {
@@ -161,7 +163,7 @@ def run_distributed(
             os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
             p = ctx.Process(
                 target=_worker,
-                args=(rank, world_size, dict(os.environ), forked, fn, args, kwargs, results),
+                args=(rank, world_size, dict(os.environ), forked, call, results),
                 daemon=False,  # ranks may start helpers (dist_checkpointing's writers)
             )
             p.start()
