@@ -36,7 +36,7 @@ _THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _context() -> Any:
-    """The preloaded ``forkserver`` (started once) without CUDA; spawn with it."""
+    """The preloaded ``forkserver`` (started once) without CUDA; ``spawn`` where CUDA is."""
     if torch.cuda.is_available():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
@@ -151,8 +151,7 @@ def run_distributed(
         "MASTER_PORT": port,
         "WORLD_SIZE": str(world_size),
         "LOCAL_WORLD_SIZE": str(world_size),
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        **_THREAD_ENV,
     }
     saved = {k: os.environ.get(k) for k in (*env, "RANK", "LOCAL_RANK")}
     procs = []
