@@ -454,10 +454,15 @@ class PackedMicroBatchIterator(MicroBatchIterator):
             pos = pack[0][0]
             spans = -(-self.order.num_samples // self.global_batch_size)
             found = self._replacement(batch_start, pos, self.capacity, exclude, spans)
+            if found is None:  # a short epoch has few columns: any later position will do
+                found = self._any_readable(pos, exclude)
             if found is None:
                 raise RuntimeError(
                     f"no readable sample within one epoch to fill the pack at position {pos}"
                 )
+            with self._stats_lock:  # the first slot, counted as dropped above, is filled
+                self.dropped_in_packs -= 1
+                self.replaced_in_packs += 1
             samples, positions = [found[1]], [pos]
         planned = sum(len(pk) for r in plan.packs for pk in r)  # samples of the step
         scale = self.dp_size * plan.micro_batches / planned
@@ -489,6 +494,22 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         for k in range(1, spans + 1):
             index = int(self.order.indices(position + k * gb, 1)[0])
             if index in exclude or not 0 < self._tokens_of(index) <= max_tokens:
+                continue
+            exclude.add(index)
+            sample = self.dataset.get_or_none(index)
+            if sample is not None:
+                return index, sample
+        return None
+
+    def _any_readable(self, position: int, exclude: set[int]) -> tuple[int, Any] | None:
+        """``(index, sample)`` of the first sample after ``position`` (one epoch round) that
+        reads and is not in ``exclude`` (updated). The last resort for a pack whose samples all
+        failed when its column holds no stand-in: with fewer than two global batches of data a
+        column has a single position. Deterministic, so a resume picks the same sample; two
+        emptied packs of one step may share it, which beats stopping the run."""
+        for p in range(position + 1, position + self.order.num_samples):
+            index = int(self.order.indices(p, 1)[0])
+            if index in exclude or self._tokens_of(index) <= 0:
                 continue
             exclude.add(index)
             sample = self.dataset.get_or_none(index)

@@ -249,6 +249,27 @@ def test_bad_sample_in_pack_is_replaced_by_a_no_larger_one_and_counted(tmp_path)
         _it(_ds(same, max_bad_fraction=0.1), capacity=16, global_batch_size=4).next_global_batch()
 
 
+def test_emptied_pack_of_a_short_epoch_takes_any_later_readable_sample(tmp_path):
+    """Under two global batches of data a column has one position: when that stand-in is bad
+    too, an emptied pack takes the first readable sample after it instead of stopping the run
+    (one unreadable sample used to end a small fine-tuning job)."""
+    path = write_synthetic_feature_shards(
+        tmp_path / "s", num_samples=6, shapes=[(1, 8, 8)], cond_dim=16, samples_per_shard=6
+    )
+    clean = _ds(path)
+    it = _it(clean, dp_size=1, capacity=16, global_batch_size=4)  # one sample per pack
+    order = [int(it.order.indices(p, 1)[0]) for p in range(6)]
+    for position in (0, 4):  # the first pack's sample and its column's only stand-in
+        _corrupt(clean, order[position])
+    ds = _ds(path, max_bad_fraction=0.5)
+    it = _it(ds, dp_size=1, capacity=16, global_batch_size=4)
+    got = it.next_global_batch()
+    assert _step_samples(got) == [(0, order[5]), *((p, order[p]) for p in (1, 2, 3))]
+    assert ds.bad_counts["undecodable"] == 2 and it.replaced_in_packs == 1
+    again = _it(_ds(path, max_bad_fraction=0.5), dp_size=1, capacity=16, global_batch_size=4)
+    assert _step_samples(again.next_global_batch()) == _step_samples(got)  # deterministic
+
+
 def test_stand_ins_differ_across_ranks_and_match_at_every_dp_size(tmp_path):
     """Two large samples of one step fail on different DP ranks: each slot takes its own
     stand-in (a first-after-the-window rule would give both ranks the same sample), and the
