@@ -196,6 +196,14 @@ def build_conditions(args: argparse.Namespace, info: ModelInfo, device: torch.de
     if args.cond:
         cond = _read_npy(args.cond, 3, "--cond").float()  # [N, Lc, Cc]
         mask = _read_npy(args.cond_mask, 2, "--cond-mask").bool() if args.cond_mask else None
+        if mask is not None:
+            if mask.shape[0] == 1 and cond.shape[0] > 1:
+                mask = mask.expand(cond.shape[0], -1)  # one mask for every condition
+            if tuple(mask.shape) != tuple(cond.shape[:2]):
+                raise ValueError(
+                    f"--cond-mask has shape {tuple(mask.shape)}; --cond {tuple(cond.shape)} "
+                    f"needs [{cond.shape[1]}] or [{cond.shape[0]}, {cond.shape[1]}]"
+                )
         labels = [f"{Path(args.cond).stem}[{i}]" for i in range(cond.shape[0])]
     elif args.image:
         if not args.dino:

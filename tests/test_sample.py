@@ -24,6 +24,8 @@ from lumos_mcore.sample import (
     Conditions,
     ModelInfo,
     batch_seed,
+    build_conditions,
+    build_parser,
     describe_model,
     diffusion_config,
     generate,
@@ -332,3 +334,22 @@ def test_diffusion_settings_from_the_training_config(tmp_path):
     with pytest.raises(ValueError, match="only diffusion"):
         diffusion_config(None, ["model.name=x"])
     assert ModelInfo(variant="i2v", num_frames=5).latent_shape(4) == (4, 5, 4, 4)
+
+
+def test_one_cond_mask_serves_every_condition_and_a_wrong_one_is_named(tmp_path):
+    """``--cond-mask`` of shape [Lc] applies to all N conditions of ``--cond``; any other shape
+    than [Lc] / [N, Lc] is refused naming both files' shapes (it used to fail at the second
+    condition with an IndexError)."""
+    cond, mask = tmp_path / "cond.npy", tmp_path / "mask.npy"
+    np.save(cond, np.random.default_rng(0).standard_normal((3, 4, 8)).astype(np.float32))
+    np.save(mask, np.array([True, True, False, False]))
+    args = build_parser().parse_args(
+        ["--model", "m", "--cond", str(cond), "--cond-mask", str(mask)]
+    )
+    info = ModelInfo(cond_tokens=4, cond_channels=8)
+    conds = build_conditions(args, info, torch.device("cpu"))
+    assert conds.mask.shape == (3, 4)
+    assert conds.mask.tolist() == [[True, True, False, False]] * 3
+    np.save(mask, np.ones((2, 4), dtype=bool))
+    with pytest.raises(ValueError, match=r"--cond-mask has shape \(2, 4\); --cond \(3, 4, 8\)"):
+        build_conditions(args, info, torch.device("cpu"))

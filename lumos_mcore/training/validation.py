@@ -211,6 +211,16 @@ class Validator:
                 f"validation set has only {len(self.dataset)} samples"
             )
         self.num_microbatches = v.num_samples // (mbs * dp_size)
+        pp = pp_size
+        if job.parallel.vpp is not None and pp > 1 and self.num_microbatches % pp:
+            # megatron's interleaved schedule runs whole groups of pp micro-batches; refuse
+            # here rather than at the first validation, hours into the run
+            raise ValueError(
+                f"validation.num_samples={v.num_samples}: {self.num_microbatches} micro-batch(es)"
+                f" of {mbs} per data-parallel rank ({dp_size}); the interleaved pipeline "
+                f"(parallel.vpp={job.parallel.vpp}) needs a multiple of parallel.pp={pp}: use "
+                f"a multiple of {mbs * dp_size * pp}"
+            )
         self.forward_step = DiffusionForwardStep(
             build_objective(job.diffusion), seed=v.seed, cond_dropout=0.0, device=device
         )

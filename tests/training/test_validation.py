@@ -10,11 +10,13 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.parallel import ParallelConfig
 from lumos_mcore.config.train import CheckpointConfig, TrainConfig, ValidationConfig
 from lumos_mcore.data.synthetic import write_synthetic_feature_shards
+from lumos_mcore.training.validation import Validator
 from tests.dist_utils import run_distributed
 from tests.training.helpers import make_data, make_job
 
@@ -205,6 +207,17 @@ def test_validation_config_errors_name_the_flag(tmp_path):
         make_job(
             data, tmp_path / "o", validation=ValidationConfig(interval=1, grid_sampler="euler")
         )
+    # megatron's interleaved schedule needs whole groups of pp micro-batches: refused when the
+    # validator is built, not at the first validation hours into the run.
+    job = make_job(
+        data, tmp_path / "v", validation=ValidationConfig(interval=1, num_samples=4, path=str(data))
+    )
+    job = dataclasses.replace(job, parallel=dataclasses.replace(job.parallel, pp=2, vpp=2))
+    common = dict(dp_rank=0, dp_size=1, is_last_stage=True, device=torch.device("cpu"))
+    common["train_dataset"] = None
+    with pytest.raises(ValueError, match=r"validation.num_samples=4: .*parallel.vpp=2.*pp=2"):
+        Validator(job, pp_size=2, **common)
+    Validator(job, pp_size=1, **common)  # a plain pipeline takes any micro-batch count
 
 
 # ---- validation.holdout: a held-out tail of data.path ----
