@@ -94,8 +94,18 @@ def _diffusers_folder(path: Path) -> Path | None:
     return None
 
 
+def _model_class(config: dict) -> str | None:
+    """The config's model class, with diffusers' own remapping: PixArt-α folders written before
+    ``PixArtTransformer2DModel`` existed (the released checkpoints) say ``Transformer2DModel``
+    with ``norm_type="ada_norm_single"``, and diffusers loads them as PixArt."""
+    name = config.get("_class_name")
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        return PIXART_CLASS
+    return name
+
+
 def _class_name(folder: Path) -> str | None:
-    return json.loads((folder / "config.json").read_text()).get("_class_name")
+    return _model_class(json.loads((folder / "config.json").read_text()))
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -190,7 +200,7 @@ def _hf_source(path: Path) -> WeightSource:
     if folder is None:
         raise FileNotFoundError(f"{path}: no config.json (not a diffusers model folder)")
     config = json.loads((folder / "config.json").read_text())
-    name = config.get("_class_name")
+    name = _model_class(config)
     if name == PIXART_CLASS:
         raise ConversionError(
             f"{folder}: holds a {PIXART_CLASS}; read it with --src-format pixart-diffusers"
@@ -212,7 +222,7 @@ def _pixart_source(path: Path, cond_tokens: int | None) -> WeightSource:
     if folder is None:
         raise FileNotFoundError(f"{path}: no config.json (not a diffusers model folder)")
     config = json.loads((folder / "config.json").read_text())
-    if config.get("_class_name") not in (PIXART_CLASS, None):
+    if _model_class(config) not in (PIXART_CLASS, None):
         raise ConversionError(
             f"{folder}: model class {config.get('_class_name')!r} is not {PIXART_CLASS}"
         )

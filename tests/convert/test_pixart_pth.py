@@ -200,6 +200,29 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max())
 
 
+def test_legacy_transformer2d_pixart_folder_is_read_as_pixart(setup):
+    """Released PixArt-α folders predate ``PixArtTransformer2DModel``: their config says
+    ``Transformer2DModel`` with ``norm_type="ada_norm_single"`` (diffusers remaps it the same
+    way). Detected and loaded as PixArt, they give the model of the current-format folder."""
+    import json
+    import shutil
+
+    from lumos_mcore import load_model
+    from lumos_mcore.convert.sources import detect_format
+
+    legacy = setup["root"] / "pixart_legacy"
+    shutil.copytree(setup["root"] / "pixart", legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    assert config["norm_type"] == "ada_norm_single"
+    config["_class_name"] = "Transformer2DModel"
+    (legacy / "config.json").write_text(json.dumps(config))
+    assert detect_format(legacy) == "pixart-diffusers"
+    batch = _pixart_inputs()
+    with torch.no_grad():
+        out = load_model(legacy)(**batch)
+    assert _rel_err(out, _diffusers_forward(setup["pixart"], batch)) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # PixArt
 # ---------------------------------------------------------------------------------------------
