@@ -493,13 +493,17 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         spans = min(spans, max(1, self.order.num_samples // gb))
         for k in range(1, spans + 1):
             index = int(self.order.indices(position + k * gb, 1)[0])
-            if index in exclude or not 0 < self._tokens_of(index) <= max_tokens:
-                continue
-            exclude.add(index)
-            sample = self.dataset.get_or_none(index)
-            if sample is not None:
-                return index, sample
+            if index not in exclude and 0 < self._tokens_of(index) <= max_tokens:
+                found = self._read_stand_in(index, exclude)
+                if found is not None:
+                    return found
         return None
+
+    def _read_stand_in(self, index: int, exclude: set[int]) -> tuple[int, Any] | None:
+        """``(index, sample)`` when the candidate reads; it joins ``exclude`` either way."""
+        exclude.add(index)
+        sample = self.dataset.get_or_none(index)
+        return None if sample is None else (index, sample)
 
     def _any_readable(self, position: int, exclude: set[int]) -> tuple[int, Any] | None:
         """``(index, sample)`` of the first sample after ``position`` (one epoch round) that
@@ -509,12 +513,10 @@ class PackedMicroBatchIterator(MicroBatchIterator):
         emptied packs of one step may share it, which beats stopping the run."""
         for p in range(position + 1, position + self.order.num_samples):
             index = int(self.order.indices(p, 1)[0])
-            if index in exclude or self._tokens_of(index) <= 0:
-                continue
-            exclude.add(index)
-            sample = self.dataset.get_or_none(index)
-            if sample is not None:
-                return index, sample
+            if index not in exclude and self._tokens_of(index) > 0:
+                found = self._read_stand_in(index, exclude)
+                if found is not None:
+                    return found
         return None
 
     def __next__(self) -> dict[str, Any]:
