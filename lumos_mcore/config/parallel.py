@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CP_COMM_TYPES", "ParallelConfig", "check_te_packed_cp"]
+__all__ = ["CP_COMM_TYPES", "ParallelConfig", "check_te_packed_cp", "interleaved_fits"]
 
 CP_COMM_TYPES: tuple[str, ...] = ("p2p", "all_gather", "a2a")
 
@@ -37,6 +37,12 @@ def check_te_packed_cp(cp_comm_type: str, cp_layout: str) -> None:
 def _check_positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"parallel.{name}={value!r}: must be a positive integer")
+
+
+def interleaved_fits(num_microbatches: int, pp: int, vpp: int | None) -> bool:
+    """Whether megatron's schedule can run ``num_microbatches`` per step: with interleaved
+    (virtual) pipeline stages it runs whole groups of ``pp`` micro-batches."""
+    return vpp is None or pp == 1 or num_microbatches % pp == 0
 
 
 @dataclass

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from lumos_mcore.config.parallel import interleaved_fits
+
 LR_STYLES = ("constant", "linear", "cosine")
 GRID_SAMPLERS = ("ddpm", "dpm++2m", "euler")
 
@@ -104,7 +106,7 @@ class TrainConfig:
                 f"train.micro_batch_size x data-parallel size = {self.micro_batch_size} x {dp}"
             )
         n = self.global_batch_size // per_step
-        if vpp is not None and pp > 1 and n % pp:
+        if not interleaved_fits(n, pp, vpp):
             raise ValueError(
                 f"parallel.vpp={vpp}: the interleaved pipeline schedule runs a multiple of "
                 f"parallel.pp={pp} micro-batches per step, but train.global_batch_size="

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from lumos_mcore.config.data import DataConfig
 from lumos_mcore.config.job import JobConfig
+from lumos_mcore.config.parallel import interleaved_fits
 from lumos_mcore.data.features import FeatureDataset
 from lumos_mcore.data.sampler import SampleRange, split_tail
 from lumos_mcore.diffusion.objective import build_objective
@@ -211,15 +212,13 @@ class Validator:
                 f"validation set has only {len(self.dataset)} samples"
             )
         self.num_microbatches = v.num_samples // (mbs * dp_size)
-        pp = pp_size
-        if job.parallel.vpp is not None and pp > 1 and self.num_microbatches % pp:
-            # megatron's interleaved schedule runs whole groups of pp micro-batches; refuse
-            # here rather than at the first validation, hours into the run
+        if not interleaved_fits(self.num_microbatches, pp_size, job.parallel.vpp):
+            # refused here rather than at the first validation, hours into the run
             raise ValueError(
                 f"validation.num_samples={v.num_samples}: {self.num_microbatches} micro-batch(es)"
                 f" of {mbs} per data-parallel rank ({dp_size}); the interleaved pipeline "
-                f"(parallel.vpp={job.parallel.vpp}) needs a multiple of parallel.pp={pp}: use "
-                f"a multiple of {mbs * dp_size * pp}"
+                f"(parallel.vpp={job.parallel.vpp}) needs a multiple of parallel.pp={pp_size}: use "
+                f"a multiple of {mbs * dp_size * pp_size}"
             )
         self.forward_step = DiffusionForwardStep(
             build_objective(job.diffusion), seed=v.seed, cond_dropout=0.0, device=device
